@@ -1,0 +1,417 @@
+//! The scorer's HTTP face: TensorFlow Serving's REST API (model status,
+//! metadata, `:predict`) so the original demo's clients keep working, a
+//! `:score` extension that takes raw payments, and `/healthz`, `/readyz`,
+//! `/metrics` for operators.
+//!
+//! Every request goes through the same `ScoringService` as the stream: one
+//! model, one encoder, coalesced into the same forward passes.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::features::FEATURE_WIDTH;
+use crate::payment::{now_ms, Payment, ScoredPayment};
+use crate::pipeline::PipelineState;
+use crate::scoring::{ScoringError, ScoringService};
+use crate::telemetry::metric;
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub scoring: ScoringService,
+    /// The model name clients use (`--model-name`).
+    pub model_name: String,
+    /// The stream pipeline, if this process runs one (for `/readyz`).
+    pub pipeline: Option<Arc<PipelineState>>,
+    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+/// The router; `body_limit` caps request bodies (larger ones get 413).
+pub fn router(state: ApiState, body_limit: usize) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(|State(s): State<ApiState>| async move { s.prometheus.render() }))
+        .route("/v1/models/{*rest}", get(model_get).post(model_post))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// An error in TensorFlow Serving's shape: `{"error": "..."}` with its status.
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+impl From<ScoringError> for ApiError {
+    fn from(e: ScoringError) -> Self {
+        match e {
+            ScoringError::NoModel => ApiError(StatusCode::SERVICE_UNAVAILABLE, "no model loaded yet".into()),
+            ScoringError::BadWidth { .. } => bad_request(e.to_string()),
+            ScoringError::Stopped | ScoringError::Model(_) => {
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        }
+    }
+}
+
+async fn ready(State(s): State<ApiState>) -> Response {
+    let model = s.scoring.model();
+    let partitions = s.pipeline.as_ref().map(|p| p.assigned_partitions());
+    let is_ready = model.is_some() && partitions.is_none_or(|n| n > 0);
+    let body = json!({
+        "ready": is_ready,
+        "model_version": model.map(|m| m.version.clone()),
+        "assigned_partitions": partitions,
+    });
+    let status = if is_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+/// A parsed `/v1/models/...` path.
+#[derive(Debug, PartialEq)]
+struct ModelPath<'a> {
+    name: &'a str,
+    version: Option<&'a str>,
+    /// `metadata`, or a verb after `:` (`predict`, `score`), or none (status).
+    action: Option<&'a str>,
+}
+
+fn parse_path(rest: &str) -> Option<ModelPath<'_>> {
+    let (path, verb) = match rest.rsplit_once(':') {
+        Some((path, verb)) => (path, Some(verb)),
+        None => (rest, None),
+    };
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    let (name, version, metadata) = match segments.as_slice() {
+        [name] => (*name, None, false),
+        [name, "metadata"] => (*name, None, true),
+        [name, "versions", v] => (*name, Some(*v), false),
+        [name, "versions", v, "metadata"] => (*name, Some(*v), true),
+        _ => return None,
+    };
+    if name.is_empty() || (metadata && verb.is_some()) {
+        return None;
+    }
+    Some(ModelPath { name, version, action: if metadata { Some("metadata") } else { verb } })
+}
+
+/// Resolves the path against the serving model: 404 for other names or versions.
+fn resolve(s: &ApiState, path: &ModelPath<'_>) -> Result<Option<Arc<crate::scoring::ModelInfo>>, ApiError> {
+    if path.name != s.model_name {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("Servable not found for request: Latest({})", path.name)));
+    }
+    let model = s.scoring.model();
+    if let Some(v) = path.version {
+        if model.as_ref().is_none_or(|m| m.version != v) {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("Servable not found for request: Specific({}, {v})", path.name),
+            ));
+        }
+    }
+    Ok(model)
+}
+
+fn count(endpoint: &'static str, status: StatusCode) {
+    metrics::counter!(metric::HTTP_REQUESTS, "endpoint" => endpoint, "status" => status.as_u16().to_string())
+        .increment(1);
+}
+
+async fn model_get(State(s): State<ApiState>, Path(rest): Path<String>) -> Response {
+    let result = (|| {
+        let path = parse_path(&rest)
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no such endpoint: /v1/models/{rest}")))?;
+        let model = resolve(&s, &path)?;
+        match path.action {
+            None => Ok(("status", Json(status_body(model.as_deref())))),
+            Some("metadata") => {
+                let model = model.ok_or(ScoringError::NoModel)?;
+                Ok(("metadata", Json(metadata_body(&s.model_name, &model.version))))
+            }
+            Some(other) => Err(ApiError(StatusCode::METHOD_NOT_ALLOWED, format!("use POST for :{other}"))),
+        }
+    })();
+    match result {
+        Ok((endpoint, body)) => {
+            count(endpoint, StatusCode::OK);
+            body.into_response()
+        }
+        Err(e) => {
+            count("model", e.0);
+            e.into_response()
+        }
+    }
+}
+
+fn status_body(model: Option<&crate::scoring::ModelInfo>) -> Value {
+    let (version, state) = match model {
+        Some(m) => (m.version.as_str(), "AVAILABLE"),
+        None => ("", "LOADING"),
+    };
+    json!({ "model_version_status": [{
+        "version": version,
+        "state": state,
+        "status": { "error_code": "OK", "error_message": "" }
+    }]})
+}
+
+/// The original demo's signature, as TensorFlow Serving describes it
+/// (note the doubled `signature_def` key, as TF Serving writes it).
+fn metadata_body(name: &str, version: &str) -> Value {
+    let dim = |size: &str| json!({ "size": size, "name": "" });
+    json!({
+        "model_spec": { "name": name, "signature_name": "", "version": version },
+        "metadata": { "signature_def": { "signature_def": { "serving_default": {
+            "inputs": { "payments": {
+                "dtype": "DT_FLOAT",
+                "tensor_shape": { "dim": [dim("-1"), dim(&FEATURE_WIDTH.to_string())], "unknown_rank": false },
+                "name": "X_train:0"
+            }},
+            "outputs": { "classification": {
+                "dtype": "DT_FLOAT",
+                "tensor_shape": { "dim": [dim("-1"), dim("2")], "unknown_rank": false },
+                "name": "Softmax:0"
+            }},
+            "method_name": "tensorflow/serving/predict"
+        }}}}
+    })
+}
+
+async fn model_post(
+    State(s): State<ApiState>,
+    Path(rest): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let path = parse_path(&rest);
+    let endpoint = match path.as_ref().and_then(|p| p.action) {
+        Some("predict") => "predict",
+        Some("score") => "score",
+        _ => "model",
+    };
+    let result = async {
+        let path =
+            path.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no such endpoint: /v1/models/{rest}")))?;
+        let body =
+            body.map_err(|e| ApiError(e.status(), format!("cannot read the request body: {}", e.body_text())))?;
+        resolve(&s, &path)?.ok_or(ScoringError::NoModel)?;
+        match path.action {
+            Some("predict") => predict(&s, &path, &body).await,
+            Some("score") => score(&s, &path, &body).await,
+            _ => Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: POST /v1/models/{rest}; use :predict or :score"),
+            )),
+        }
+    }
+    .await;
+    match result {
+        Ok(body) => {
+            count(endpoint, StatusCode::OK);
+            Json(body).into_response()
+        }
+        Err(e) => {
+            count(endpoint, e.0);
+            e.into_response()
+        }
+    }
+}
+
+/// Reads rows of numbers from `instances` / `inputs` in any of TF Serving's
+/// shapes: a list of rows, a list of `{"payments": row}` objects, or
+/// `{"payments": [rows]}`.
+fn rows_of(value: &Value, field: &str) -> Result<Vec<f32>, ApiError> {
+    let rows: Vec<&Value> = match value {
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                Value::Object(map) => map
+                    .get("payments")
+                    .ok_or_else(|| bad_request(format!("{field}: an object row must hold the input \"payments\""))),
+                other => Ok(other),
+            })
+            .collect::<Result<_, _>>()?,
+        Value::Object(map) => match map.get("payments") {
+            Some(Value::Array(items)) => items.iter().collect(),
+            _ => return Err(bad_request(format!("{field}: expected {{\"payments\": [[...28 numbers], ...]}}"))),
+        },
+        _ => return Err(bad_request(format!("{field}: expected a list of rows"))),
+    };
+    let mut features = Vec::with_capacity(rows.len() * FEATURE_WIDTH);
+    for (i, row) in rows.iter().enumerate() {
+        let Value::Array(cells) = row else {
+            return Err(bad_request(format!("{field}[{i}]: expected a list of {FEATURE_WIDTH} numbers")));
+        };
+        if cells.len() != FEATURE_WIDTH {
+            return Err(bad_request(format!(
+                "{field}[{i}] has {} values; the input \"payments\" needs rows of {FEATURE_WIDTH} numbers (shape [-1, {FEATURE_WIDTH}])",
+                cells.len()
+            )));
+        }
+        for (j, cell) in cells.iter().enumerate() {
+            let x = cell
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| bad_request(format!("{field}[{i}][{j}] is {cell}, not a finite number")))?;
+            features.push(x as f32);
+        }
+    }
+    Ok(features)
+}
+
+#[derive(Deserialize)]
+struct PredictRequest {
+    #[serde(default)]
+    signature_name: Option<String>,
+    #[serde(default)]
+    instances: Option<Value>,
+    #[serde(default)]
+    inputs: Option<Value>,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("JSON Parse error: {e}")))
+}
+
+async fn predict(s: &ApiState, path: &ModelPath<'_>, body: &[u8]) -> Result<Value, ApiError> {
+    let request: PredictRequest = parse_json(body)?;
+    if let Some(name) = request.signature_name.as_deref().filter(|n| !n.is_empty() && *n != "serving_default") {
+        return Err(bad_request(format!("Serving signature name: \"{name}\" not found in signature def")));
+    }
+    let (features, row_format) = match (&request.instances, &request.inputs) {
+        (Some(_), Some(_)) => return Err(bad_request("Request contains both \"instances\" and \"inputs\"; use one")),
+        (None, None) => return Err(bad_request("Missing \"instances\" or \"inputs\" key")),
+        (Some(instances), None) => (rows_of(instances, "instances")?, true),
+        (None, Some(inputs)) => (rows_of(inputs, "inputs")?, false),
+    };
+    let rows = features.len() / FEATURE_WIDTH;
+    let scored = s.scoring.score_rows(features).await?;
+    check_version(path, &scored.model.version)?;
+    metrics::counter!(metric::HTTP_ROWS_SCORED).increment(rows as u64);
+    let outputs: Vec<[f32; 2]> = scored.outputs;
+    Ok(if row_format { json!({ "predictions": outputs }) } else { json!({ "outputs": outputs }) })
+}
+
+/// A model swap between resolving and scoring must not answer for the wrong version.
+fn check_version(path: &ModelPath<'_>, served: &str) -> Result<(), ApiError> {
+    match path.version {
+        Some(v) if v != served => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("Servable not found for request: Specific({}, {v})", path.name),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A payment as `:score` accepts it: the `Payment` fields, with id, time,
+/// step and zip codes optional.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ScoreInput {
+    payment_id: Option<String>,
+    event_time: Option<i64>,
+    step: Option<i32>,
+    customer: String,
+    age: String,
+    gender: String,
+    zipcode_ori: Option<String>,
+    merchant: String,
+    zip_merchant: Option<String>,
+    category: String,
+    amount: f64,
+}
+
+async fn score(s: &ApiState, path: &ModelPath<'_>, body: &[u8]) -> Result<Value, ApiError> {
+    #[derive(Deserialize)]
+    struct ScoreRequest {
+        instances: Vec<Value>,
+    }
+    let request: ScoreRequest = parse_json(body)?;
+    let mut payments = Vec::with_capacity(request.instances.len());
+    for (i, item) in request.instances.into_iter().enumerate() {
+        let p: ScoreInput = serde_json::from_value(item).map_err(|e| bad_request(format!("instances[{i}]: {e}")))?;
+        payments.push(Payment {
+            payment_id: p.payment_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            event_time: p.event_time.unwrap_or_else(now_ms),
+            step: p.step.unwrap_or(0),
+            customer: p.customer,
+            age: p.age,
+            gender: p.gender,
+            zipcode_ori: p.zipcode_ori.unwrap_or_default(),
+            merchant: p.merchant,
+            zip_merchant: p.zip_merchant.unwrap_or_default(),
+            category: p.category,
+            amount: p.amount,
+            fraud: None,
+        });
+    }
+    let batch = s.scoring.score_payments(payments).await?;
+    check_version(path, &batch.model.version)?;
+    let scored_at = now_ms();
+    let mut predictions = Vec::with_capacity(batch.payments.len());
+    for (i, (payment, result)) in batch.payments.into_iter().zip(batch.results).enumerate() {
+        let [_, p] = result.map_err(|e| bad_request(format!("instances[{i}]: {e}")))?;
+        let fraud_probability = f64::from(p);
+        predictions.push(ScoredPayment {
+            payment,
+            fraud_probability,
+            is_fraud: fraud_probability >= batch.model.threshold,
+            threshold: batch.model.threshold,
+            model_name: s.model_name.clone(),
+            model_version: batch.model.version.clone(),
+            scored_at,
+        });
+    }
+    metrics::counter!(metric::HTTP_ROWS_SCORED).increment(predictions.len() as u64);
+    Ok(json!({ "predictions": predictions }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tf_serving_paths() {
+        let p = |s| parse_path(s);
+        assert_eq!(p("payfraud"), Some(ModelPath { name: "payfraud", version: None, action: None }));
+        assert_eq!(p("payfraud/metadata").unwrap().action, Some("metadata"));
+        assert_eq!(p("payfraud/versions/17").unwrap().version, Some("17"));
+        assert_eq!(p("payfraud/versions/17/metadata").unwrap().action, Some("metadata"));
+        assert_eq!(p("payfraud:predict").unwrap().action, Some("predict"));
+        assert_eq!(
+            p("payfraud/versions/17:predict"),
+            Some(ModelPath { name: "payfraud", version: Some("17"), action: Some("predict") })
+        );
+        assert_eq!(p("payfraud/labels/x"), None);
+        assert_eq!(p(""), None);
+    }
+
+    #[test]
+    fn reads_all_row_shapes_and_rejects_bad_widths() {
+        let row: Vec<f64> = (0..28).map(f64::from).collect();
+        for value in [json!([row]), json!([{ "payments": row }]), json!({ "payments": [row] })] {
+            assert_eq!(rows_of(&value, "x").unwrap().len(), 28);
+        }
+        let short = json!([[1.0, 2.0]]);
+        assert!(rows_of(&short, "instances").unwrap_err().1.contains("has 2 values"));
+        let text = json!([vec!["a"; 28]]);
+        assert!(rows_of(&text, "inputs").is_err());
+    }
+}

@@ -1,0 +1,248 @@
+//! Bytes <-> `Payment` / `ScoredPayment`, in the three wire formats we speak:
+//! Avro binary in the Confluent wire format (magic byte 0, 4-byte big-endian
+//! schema id, body), plain Avro binary, and JSON (one object per line).
+//!
+//! The Avro schemas are the files in `schemas/`, compiled in, so the code and
+//! the published contract cannot disagree. Decoding never panics: garbage is
+//! an error the pipeline can dead-letter.
+
+use std::sync::LazyLock;
+
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::Schema;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::payment::{Payment, ScoredPayment};
+
+/// `schemas/payment.avsc`, verbatim.
+pub const PAYMENT_SCHEMA_JSON: &str = include_str!("../schemas/payment.avsc");
+/// `schemas/scored_payment.avsc`, verbatim.
+pub const SCORED_PAYMENT_SCHEMA_JSON: &str = include_str!("../schemas/scored_payment.avsc");
+
+static PAYMENT_SCHEMA: LazyLock<Schema> =
+    LazyLock::new(|| Schema::parse_str(PAYMENT_SCHEMA_JSON).expect("schemas/payment.avsc is valid Avro"));
+static SCORED_PAYMENT_SCHEMA: LazyLock<Schema> =
+    LazyLock::new(|| Schema::parse_str(SCORED_PAYMENT_SCHEMA_JSON).expect("schemas/scored_payment.avsc is valid Avro"));
+
+/// The Confluent wire format's first byte.
+const CONFLUENT_MAGIC: u8 = 0;
+
+/// How events are laid out on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WireFormat {
+    /// Avro binary behind the Confluent header (magic 0 + schema id).
+    Confluent,
+    /// Avro binary, no header.
+    Avro,
+    /// One JSON object.
+    Json,
+}
+
+/// Why bytes could not become an event (or an event bytes).
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("not in the Confluent wire format: {0} (expected magic byte 0 and a 4-byte schema id; is the producer writing plain Avro or JSON? then pass --format avro|json)")]
+    BadHeader(String),
+    #[error("invalid Avro {schema} body: {source}")]
+    Avro { schema: &'static str, source: Box<apache_avro::Error> },
+    #[error("{0} trailing bytes after the Avro {1} body")]
+    TrailingBytes(usize, &'static str),
+    #[error("invalid JSON {schema}: {source}")]
+    Json { schema: &'static str, source: serde_json::Error },
+}
+
+/// Encodes and decodes events in one wire format.
+#[derive(Debug, Clone, Copy)]
+pub struct Codec {
+    format: WireFormat,
+    /// Written into the Confluent header; ignored on decode (no registry to ask).
+    schema_id: u32,
+}
+
+impl Codec {
+    pub fn new(format: WireFormat, schema_id: u32) -> Self {
+        Self { format, schema_id }
+    }
+
+    pub fn format(&self) -> WireFormat {
+        self.format
+    }
+
+    pub fn encode_payment(&self, payment: &Payment) -> Result<Vec<u8>, CodecError> {
+        self.encode(payment, &PAYMENT_SCHEMA, "Payment")
+    }
+
+    pub fn decode_payment(&self, bytes: &[u8]) -> Result<Payment, CodecError> {
+        self.decode(bytes, &PAYMENT_SCHEMA, "Payment")
+    }
+
+    pub fn encode_scored(&self, scored: &ScoredPayment) -> Result<Vec<u8>, CodecError> {
+        self.encode(scored, &SCORED_PAYMENT_SCHEMA, "ScoredPayment")
+    }
+
+    pub fn decode_scored(&self, bytes: &[u8]) -> Result<ScoredPayment, CodecError> {
+        self.decode(bytes, &SCORED_PAYMENT_SCHEMA, "ScoredPayment")
+    }
+
+    fn encode<T: Serialize>(&self, value: &T, schema: &Schema, name: &'static str) -> Result<Vec<u8>, CodecError> {
+        let avro_err = |source| CodecError::Avro { schema: name, source: Box::new(source) };
+        match self.format {
+            WireFormat::Json => serde_json::to_vec(value).map_err(|source| CodecError::Json { schema: name, source }),
+            WireFormat::Avro | WireFormat::Confluent => {
+                let mut out = Vec::with_capacity(160);
+                if self.format == WireFormat::Confluent {
+                    out.push(CONFLUENT_MAGIC);
+                    out.extend_from_slice(&self.schema_id.to_be_bytes());
+                }
+                let writer = GenericDatumWriter::builder(schema).build().map_err(avro_err)?;
+                writer.write_ser(&mut out, value).map_err(avro_err)?;
+                Ok(out)
+            }
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(&self, bytes: &[u8], schema: &Schema, name: &'static str) -> Result<T, CodecError> {
+        let avro_err = |source| CodecError::Avro { schema: name, source: Box::new(source) };
+        let body = match self.format {
+            WireFormat::Json => {
+                return serde_json::from_slice(bytes).map_err(|source| CodecError::Json { schema: name, source });
+            }
+            WireFormat::Avro => bytes,
+            WireFormat::Confluent => match bytes {
+                [CONFLUENT_MAGIC, _, _, _, _, body @ ..] => body,
+                [] => return Err(CodecError::BadHeader("empty message".into())),
+                [first, ..] if *first != CONFLUENT_MAGIC => {
+                    return Err(CodecError::BadHeader(format!("first byte is {first:#04x}")))
+                }
+                _ => return Err(CodecError::BadHeader(format!("only {} bytes", bytes.len()))),
+            },
+        };
+        let reader = GenericDatumReader::builder(schema).build().map_err(avro_err)?;
+        let mut cursor = body;
+        let value = reader.read_deser(&mut cursor).map_err(avro_err)?;
+        if !cursor.is_empty() {
+            return Err(CodecError::TrailingBytes(cursor.len(), name));
+        }
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn payment() -> Payment {
+        Payment {
+            payment_id: "p-1".into(),
+            event_time: 1_700_000_000_123,
+            step: 12,
+            customer: "C1093826151".into(),
+            age: "4".into(),
+            gender: "M".into(),
+            zipcode_ori: "28007".into(),
+            merchant: "M348934600".into(),
+            zip_merchant: "28007".into(),
+            category: "es_transportation".into(),
+            amount: 4.55,
+            fraud: None,
+        }
+    }
+
+    fn scored() -> ScoredPayment {
+        ScoredPayment {
+            payment: Payment { fraud: Some(true), ..payment() },
+            fraud_probability: 0.93,
+            is_fraud: true,
+            threshold: 0.5,
+            model_name: "payfraud".into(),
+            model_version: "1700000000".into(),
+            scored_at: 1_700_000_000_200,
+        }
+    }
+
+    const ALL: [WireFormat; 3] = [WireFormat::Confluent, WireFormat::Avro, WireFormat::Json];
+
+    #[test]
+    fn payments_round_trip_in_every_format() {
+        for format in ALL {
+            let codec = Codec::new(format, 7);
+            for p in
+                [payment(), Payment { fraud: Some(false), ..payment() }, Payment { fraud: Some(true), ..payment() }]
+            {
+                let bytes = codec.encode_payment(&p).unwrap();
+                assert_eq!(codec.decode_payment(&bytes).unwrap(), p, "{format:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn scored_payments_round_trip_in_every_format() {
+        for format in ALL {
+            let codec = Codec::new(format, 7);
+            let bytes = codec.encode_scored(&scored()).unwrap();
+            assert_eq!(codec.decode_scored(&bytes).unwrap(), scored(), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn confluent_header_carries_the_schema_id() {
+        let bytes = Codec::new(WireFormat::Confluent, 0x01020304).encode_payment(&payment()).unwrap();
+        assert_eq!(&bytes[..5], &[0, 1, 2, 3, 4]);
+        let plain = Codec::new(WireFormat::Avro, 0).encode_payment(&payment()).unwrap();
+        assert_eq!(&bytes[5..], plain.as_slice());
+    }
+
+    #[test]
+    fn json_is_the_documented_field_names() {
+        let text = String::from_utf8(Codec::new(WireFormat::Json, 0).encode_payment(&payment()).unwrap()).unwrap();
+        for field in ["paymentId", "eventTime", "zipcodeOri", "zipMerchant", "amount"] {
+            assert!(text.contains(&format!("\"{field}\"")), "{text}");
+        }
+        let missing = Codec::new(WireFormat::Json, 0).decode_payment(br#"{"paymentId":"x"}"#).unwrap_err();
+        assert!(missing.to_string().contains("missing field"), "{missing}");
+    }
+
+    #[test]
+    fn scored_schema_embeds_the_payment_schema_unchanged() {
+        let scored: serde_json::Value = serde_json::from_str(SCORED_PAYMENT_SCHEMA_JSON).unwrap();
+        let payment: serde_json::Value = serde_json::from_str(PAYMENT_SCHEMA_JSON).unwrap();
+        assert_eq!(scored["fields"][0]["type"], payment);
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        let codec = Codec::new(WireFormat::Confluent, 1);
+        assert!(matches!(codec.decode_payment(b""), Err(CodecError::BadHeader(_))));
+        assert!(matches!(codec.decode_payment(b"{\"a\":1}"), Err(CodecError::BadHeader(_))));
+        assert!(codec.decode_payment(&[0, 0, 0, 0, 1, 0xff, 0xff]).is_err());
+        let mut good = codec.encode_payment(&payment()).unwrap();
+        good.push(0);
+        assert!(matches!(codec.decode_payment(&good), Err(CodecError::TrailingBytes(1, _))));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            for format in ALL {
+                let codec = Codec::new(format, 1);
+                let _ = codec.decode_payment(&bytes);
+                let _ = codec.decode_scored(&bytes);
+            }
+        }
+
+        #[test]
+        fn truncated_or_flipped_payments_never_panic(cut in 0usize..200, flip in 0usize..200, bit in 0u8..8) {
+            for format in ALL {
+                let codec = Codec::new(format, 1);
+                let mut bytes = codec.encode_payment(&payment()).unwrap();
+                let at = flip % bytes.len();
+                bytes[at] ^= 1 << bit;
+                bytes.truncate(cut.min(bytes.len()));
+                let _ = codec.decode_payment(&bytes);
+            }
+        }
+    }
+}

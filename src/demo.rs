@@ -1,0 +1,283 @@
+//! `fraudstream demo`: the whole system in one process, with no external
+//! service: librdkafka's in-process mock cluster as the broker and a
+//! temporary directory as the model store (flags point it at a real broker
+//! and S3). It trains and publishes a model on simulated history, starts the
+//! scorer, streams simulated payments through it, and reports throughput,
+//! latency and the fraud caught against the simulator's labels.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{Codec, WireFormat};
+use crate::kafka::{ensure_topics, KafkaArgs};
+use crate::model::Device;
+use crate::model_watch::WatchConfig;
+use crate::pipeline::PipelineConfig;
+use crate::produce::{create_producer, publish_payments, PublishOptions};
+use crate::scorer::{ScorerConfig, ScorerParts};
+use crate::simulate::Simulator;
+use crate::training::data::DataSource;
+use crate::training::train::TrainConfig;
+use crate::training::{run_once, TrainerOptions};
+
+/// Demo settings; every default runs with nothing installed.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// A real broker; `None` starts the in-process mock cluster.
+    pub kafka: Option<KafkaArgs>,
+    /// A model store (`s3://...` or a directory); `None` uses a temporary directory.
+    pub model_store: Option<String>,
+    pub train_rows: u64,
+    pub events: u64,
+    pub rate: Option<f64>,
+    pub partitions: i32,
+    pub seed: u64,
+    pub device: Device,
+    pub max_batch: usize,
+    pub max_delay: Duration,
+    pub http_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("demo, {step}: {source}")]
+pub struct DemoError {
+    step: &'static str,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+fn step<E: Into<Box<dyn std::error::Error + Send + Sync>>>(step: &'static str) -> impl FnOnce(E) -> DemoError {
+    move |e| DemoError { step, source: e.into() }
+}
+
+/// What the demo measured.
+#[derive(Debug, Clone, Default)]
+pub struct DemoSummary {
+    pub model_version: String,
+    pub produced: u64,
+    pub scored: u64,
+    pub dead_lettered: u64,
+    pub seconds: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_max: f64,
+    pub frauds: u64,
+    pub frauds_caught: u64,
+    pub false_alarms: u64,
+}
+
+impl std::fmt::Display for DemoSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "scored {} of {} payments ({} dead-lettered) with model {} in {:.2} s: {:.0} payments/s",
+            self.scored,
+            self.produced,
+            self.dead_lettered,
+            self.model_version,
+            self.seconds,
+            self.scored as f64 / self.seconds.max(1e-9)
+        )?;
+        writeln!(
+            f,
+            "latency, event to scored: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            self.latency_ms_p50, self.latency_ms_p99, self.latency_ms_max
+        )?;
+        write!(
+            f,
+            "fraud caught at the model's threshold: {} of {} ({:.1}%), with {} false alarms ({:.3}% of legitimate payments)",
+            self.frauds_caught,
+            self.frauds,
+            100.0 * self.frauds_caught as f64 / self.frauds.max(1) as f64,
+            self.false_alarms,
+            100.0 * self.false_alarms as f64 / (self.scored.saturating_sub(self.frauds)).max(1) as f64
+        )
+    }
+}
+
+const INPUT: &str = "payments";
+const OUTPUT: &str = "payments-scored";
+const DLQ: &str = "payments-dlq";
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Runs the demo end to end, printing progress to stderr.
+pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
+    // 1. A broker.
+    let mock;
+    let kafka = match &config.kafka {
+        Some(kafka) => {
+            ensure_topics(kafka, &[INPUT, OUTPUT, DLQ], config.partitions).await.map_err(step("creating topics"))?;
+            kafka.clone()
+        }
+        None => {
+            mock = MockCluster::new(1).map_err(step("starting the in-process Kafka mock cluster"))?;
+            for topic in [INPUT, OUTPUT, DLQ] {
+                mock.create_topic(topic, config.partitions, 1).map_err(step("creating topics"))?;
+            }
+            eprintln!("broker: in-process mock cluster at {}", mock.bootstrap_servers());
+            KafkaArgs::new(mock.bootstrap_servers())
+        }
+    };
+
+    // 2. Train and publish a model.
+    let temp = tempfile::tempdir().map_err(step("creating a temporary model store"))?;
+    let store = config.model_store.clone().unwrap_or_else(|| temp.path().join("models").display().to_string());
+    eprintln!("training on {} simulated payments; model store {store}", config.train_rows);
+    let outcome = run_once(&TrainerOptions {
+        data: DataSource::Simulator { rows: config.train_rows, seed: config.seed },
+        model_store: store.clone(),
+        model_name: "payfraud".into(),
+        device: config.device,
+        target_precision: None,
+        force: false,
+        train: TrainConfig { seed: config.seed, ..TrainConfig::default() },
+    })
+    .await
+    .map_err(|e| DemoError { step: "training", source: e.into() })?;
+    eprintln!(
+        "model {}: holdout ROC-AUC {:.4}, AP {:.4} (logistic baseline AP {:.4}); {}",
+        outcome.version,
+        outcome.holdout.roc_auc,
+        outcome.holdout.average_precision,
+        outcome.baseline.average_precision,
+        outcome.verdict
+    );
+
+    // 3. The scorer.
+    let device = config.device.resolve().map_err(step("choosing a device"))?;
+    let parts = ScorerParts::new(config.max_batch);
+    let shutdown = CancellationToken::new();
+    let codec = Codec::new(WireFormat::Confluent, 1);
+    let scorer_config = ScorerConfig {
+        pipeline: PipelineConfig {
+            kafka: kafka.clone(),
+            group_id: "fraudstream-demo".into(),
+            input_topic: INPUT.into(),
+            output_topic: OUTPUT.into(),
+            dead_letter_topic: DLQ.into(),
+            input_codec: codec,
+            output_codec: codec,
+            max_batch: config.max_batch,
+            max_delay: config.max_delay,
+            max_in_flight: 100_000,
+            drain_timeout: Duration::from_secs(30),
+        },
+        watch: WatchConfig {
+            store: store.clone(),
+            pinned_version: None,
+            poll_interval: Duration::from_secs(5),
+            device,
+            cache_dir: temp.path().join("cache"),
+        },
+        http_addr: config.http_addr,
+        model_name: "payfraud".into(),
+        body_limit: 4 << 20,
+        topic_partitions: config.partitions,
+    };
+    let scorer = tokio::spawn(crate::scorer::run(scorer_config, parts.clone(), shutdown.clone()));
+    let wait_start = Instant::now();
+    while parts.scoring.model().is_none() || parts.state.assigned_partitions() == 0 {
+        if scorer.is_finished() || wait_start.elapsed() > Duration::from_secs(60) {
+            shutdown.cancel();
+            return Err(DemoError {
+                step: "starting the scorer",
+                source: "scorer did not become ready within 60 s".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "scorer ready: model {} serving, {} partitions assigned",
+        outcome.version,
+        parts.state.assigned_partitions()
+    );
+
+    // 4. Live traffic.
+    let producer = create_producer(&kafka).map_err(step("creating the producer"))?;
+    let options = PublishOptions { topic: INPUT.into(), codec, rate: config.rate, stamp_event_time: true };
+    let events = config.events;
+    let traffic_seed = config.seed + 1;
+    let started = Instant::now();
+    let publisher = tokio::spawn(async move {
+        publish_payments(&producer, &options, Simulator::new(events, traffic_seed), |_| {}).await
+    });
+    let counters = parts.counters.clone();
+    let done = |c: &crate::pipeline::PipelineCounters| {
+        c.scored.load(std::sync::atomic::Ordering::Relaxed) + c.dead_lettered.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut last_progress = Instant::now();
+    while done(&counters) < events {
+        if started.elapsed() > Duration::from_secs(600) {
+            break;
+        }
+        if last_progress.elapsed() > Duration::from_millis(500) {
+            let scored = counters.scored.load(std::sync::atomic::Ordering::Relaxed);
+            eprint!(
+                "\r  scored {scored:>9} / {events}   flagged {:>6}   dead-lettered {:>4}   {:>8.0} payments/s ",
+                counters.flagged.load(std::sync::atomic::Ordering::Relaxed),
+                counters.dead_lettered.load(std::sync::atomic::Ordering::Relaxed),
+                scored as f64 / started.elapsed().as_secs_f64()
+            );
+            let _ = std::io::stderr().flush();
+            last_progress = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!();
+    let published = publisher.await.map_err(step("publishing payments"))?.map_err(step("publishing payments"))?;
+    shutdown.cancel();
+    scorer.await.map_err(step("stopping the scorer"))?.map_err(step("running the scorer"))?;
+
+    // 5. Read the scored topic back and compare with the simulator's labels.
+    let consumer: StreamConsumer = kafka
+        .client_config(&[
+            ("group.id", "fraudstream-demo-reader"),
+            ("enable.auto.commit", "false"),
+            ("auto.offset.reset", "earliest"),
+        ])
+        .create()
+        .map_err(step("reading the scored topic"))?;
+    consumer.subscribe(&[OUTPUT]).map_err(step("reading the scored topic"))?;
+    let mut summary = DemoSummary {
+        model_version: outcome.version.clone(),
+        produced: published.sent,
+        seconds,
+        dead_lettered: counters.dead_lettered.load(std::sync::atomic::Ordering::Relaxed),
+        ..DemoSummary::default()
+    };
+    let mut latencies = Vec::with_capacity(events as usize);
+    let mut seen = std::collections::HashSet::new();
+    let mut stream = consumer.stream();
+    while (seen.len() as u64) < published.sent {
+        let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await else { break };
+        let Ok(scored) = codec.decode_scored(message.payload().unwrap_or_default()) else { continue };
+        if !seen.insert(scored.payment.payment_id.clone()) {
+            continue;
+        }
+        latencies.push((scored.scored_at - scored.payment.event_time) as f64);
+        let fraud = scored.payment.fraud == Some(true);
+        summary.frauds += u64::from(fraud);
+        summary.frauds_caught += u64::from(fraud && scored.is_fraud);
+        summary.false_alarms += u64::from(!fraud && scored.is_fraud);
+    }
+    drop(stream);
+    summary.scored = seen.len() as u64;
+    latencies.sort_by(f64::total_cmp);
+    summary.latency_ms_p50 = percentile(&latencies, 0.5);
+    summary.latency_ms_p99 = percentile(&latencies, 0.99);
+    summary.latency_ms_max = latencies.last().copied().unwrap_or(0.0);
+    Ok(summary)
+}

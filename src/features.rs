@@ -1,0 +1,223 @@
+//! The one feature encoder that the trainer and the scorer share, so training
+//! and serving cannot drift apart.
+//!
+//! Layout (the original demo's 28 features, in its order):
+//! `[amount_scaled, 15 category one-hots (sorted), 8 age one-hots ('0'..'6','U'),
+//! 4 gender one-hots ('E','F','M','U')]`, with
+//! `amount_scaled = (amount - amount_min) / (amount_max - amount_min)`.
+//! The `FeatureSpec` travels inside each model's manifest.
+
+use serde::{Deserialize, Serialize};
+
+use crate::payment::Payment;
+
+/// Features per payment: the serving signature's input width.
+pub const FEATURE_WIDTH: usize = 1 + CATEGORIES.len() + AGES.len() + GENDERS.len();
+
+/// The 15 BankSim categories, sorted: the order of the one-hot block.
+pub const CATEGORIES: [&str; 15] = [
+    "es_barsandrestaurants",
+    "es_contents",
+    "es_fashion",
+    "es_food",
+    "es_health",
+    "es_home",
+    "es_hotelservices",
+    "es_hyper",
+    "es_leisure",
+    "es_otherservices",
+    "es_sportsandtoys",
+    "es_tech",
+    "es_transportation",
+    "es_travel",
+    "es_wellnessandbeauty",
+];
+/// Age bands in one-hot order.
+pub const AGES: [&str; 8] = ["0", "1", "2", "3", "4", "5", "6", "U"];
+/// Genders in one-hot order.
+pub const GENDERS: [&str; 4] = ["E", "F", "M", "U"];
+
+/// What a model was trained with: vocabularies and the amount range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureSpec {
+    pub categories: Vec<String>,
+    pub ages: Vec<String>,
+    pub genders: Vec<String>,
+    pub amount_min: f64,
+    pub amount_max: f64,
+}
+
+impl FeatureSpec {
+    /// The BankSim vocabularies with the given amount range.
+    pub fn banksim(amount_min: f64, amount_max: f64) -> Self {
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        Self { categories: owned(&CATEGORIES), ages: owned(&AGES), genders: owned(&GENDERS), amount_min, amount_max }
+    }
+
+    /// The BankSim vocabularies with the amount range of `payments` (the training data).
+    pub fn fit<'a>(payments: impl IntoIterator<Item = &'a Payment>) -> Self {
+        let (min, max) = payments
+            .into_iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.amount), hi.max(p.amount)));
+        if min.is_finite() {
+            Self::banksim(min, max)
+        } else {
+            Self::banksim(0.0, 1.0)
+        }
+    }
+
+    /// Number of features a payment encodes to.
+    pub fn width(&self) -> usize {
+        1 + self.categories.len() + self.ages.len() + self.genders.len()
+    }
+}
+
+/// Why a payment cannot be encoded; the scorer dead-letters it with this text.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("payment {payment_id:?}: unknown {field} {value:?} (known: {known})")]
+    UnknownValue { payment_id: String, field: &'static str, value: String, known: String },
+    #[error(transparent)]
+    Invalid(#[from] crate::payment::InvalidPayment),
+}
+
+/// Encodes payments into feature rows according to a `FeatureSpec`.
+#[derive(Debug, Clone)]
+pub struct FeatureEncoder {
+    spec: FeatureSpec,
+    amount_scale: f64,
+}
+
+impl FeatureEncoder {
+    pub fn new(spec: FeatureSpec) -> Self {
+        let range = spec.amount_max - spec.amount_min;
+        let amount_scale = if range > 0.0 { 1.0 / range } else { 1.0 };
+        Self { spec, amount_scale }
+    }
+
+    pub fn spec(&self) -> &FeatureSpec {
+        &self.spec
+    }
+
+    pub fn width(&self) -> usize {
+        self.spec.width()
+    }
+
+    /// Writes the features of `payment` into `row` (length `width()`).
+    pub fn encode_into(&self, payment: &Payment, row: &mut [f32]) -> Result<(), EncodeError> {
+        assert_eq!(row.len(), self.width(), "feature row has the wrong width");
+        payment.validate()?;
+        let lookup = |vocab: &[String], value: &str, field: &'static str| {
+            vocab.iter().position(|v| v == value).ok_or_else(|| EncodeError::UnknownValue {
+                payment_id: payment.payment_id.clone(),
+                field,
+                value: value.to_string(),
+                known: vocab.join(","),
+            })
+        };
+        let category = lookup(&self.spec.categories, &payment.category, "category")?;
+        let age = lookup(&self.spec.ages, &payment.age, "age")?;
+        let gender = lookup(&self.spec.genders, &payment.gender, "gender")?;
+        row.fill(0.0);
+        row[0] = ((payment.amount - self.spec.amount_min) * self.amount_scale) as f32;
+        let mut offset = 1;
+        row[offset + category] = 1.0;
+        offset += self.spec.categories.len();
+        row[offset + age] = 1.0;
+        offset += self.spec.ages.len();
+        row[offset + gender] = 1.0;
+        Ok(())
+    }
+
+    /// Encodes one payment into a new row.
+    pub fn encode(&self, payment: &Payment) -> Result<Vec<f32>, EncodeError> {
+        let mut row = vec![0.0; self.width()];
+        self.encode_into(payment, &mut row)?;
+        Ok(row)
+    }
+
+    /// Appends the rows of `payments` to `out` (row-major), for batch scoring
+    /// and training.
+    pub fn encode_all<'a>(
+        &self,
+        payments: impl IntoIterator<Item = &'a Payment>,
+        out: &mut Vec<f32>,
+    ) -> Result<(), EncodeError> {
+        let width = self.width();
+        for payment in payments {
+            let start = out.len();
+            out.resize(start + width, 0.0);
+            if let Err(e) = self.encode_into(payment, &mut out[start..]) {
+                out.truncate(start);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payment(category: &str, age: &str, gender: &str, amount: f64) -> Payment {
+        Payment {
+            payment_id: "p1".into(),
+            event_time: 0,
+            step: 0,
+            customer: "C1".into(),
+            age: age.into(),
+            gender: gender.into(),
+            zipcode_ori: "28007".into(),
+            merchant: "M1".into(),
+            zip_merchant: "28007".into(),
+            category: category.into(),
+            amount,
+            fraud: None,
+        }
+    }
+
+    #[test]
+    fn encodes_the_original_demo_example() {
+        let encoder = FeatureEncoder::new(FeatureSpec::banksim(0.0, 8329.96));
+        let row = encoder.encode(&payment("es_health", "3", "M", 44.26)).unwrap();
+        assert_eq!(row.len(), 28);
+        assert!((row[0] - 0.005313).abs() < 1e-6, "amount_scaled {}", row[0]);
+        let ones: Vec<usize> = row.iter().enumerate().filter(|(_, v)| **v == 1.0).map(|(i, _)| i).collect();
+        assert_eq!(ones, vec![5, 19, 26]);
+        assert_eq!(row.iter().filter(|v| **v != 0.0).count(), 4);
+    }
+
+    #[test]
+    fn vocabularies_are_sorted_and_complete() {
+        let mut sorted = CATEGORIES;
+        sorted.sort();
+        assert_eq!(sorted, CATEGORIES);
+        assert_eq!(FeatureSpec::banksim(0.0, 1.0).width(), 28);
+    }
+
+    #[test]
+    fn unknown_values_are_errors_not_zero_rows() {
+        let encoder = FeatureEncoder::new(FeatureSpec::banksim(0.0, 100.0));
+        let err = encoder.encode(&payment("es_casino", "3", "M", 1.0)).unwrap_err();
+        assert!(matches!(&err, EncodeError::UnknownValue { field: "category", .. }), "{err}");
+        assert!(err.to_string().contains("es_casino"));
+        assert!(encoder.encode(&payment("es_food", "9", "M", 1.0)).is_err());
+        assert!(encoder.encode(&payment("es_food", "3", "X", 1.0)).is_err());
+        assert!(matches!(encoder.encode(&payment("es_food", "3", "M", f64::NAN)), Err(EncodeError::Invalid(_))));
+        assert!(matches!(encoder.encode(&payment("es_food", "3", "M", -3.0)), Err(EncodeError::Invalid(_))));
+    }
+
+    #[test]
+    fn fit_takes_min_and_max_and_spec_round_trips_as_json() {
+        let rows = [payment("es_food", "1", "F", 3.0), payment("es_food", "1", "F", 11.0)];
+        let spec = FeatureSpec::fit(&rows);
+        assert_eq!((spec.amount_min, spec.amount_max), (3.0, 11.0));
+        let back: FeatureSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+        let mut out = Vec::new();
+        FeatureEncoder::new(spec).encode_all(&rows, &mut out).unwrap();
+        assert_eq!(out.len(), 56);
+        assert_eq!((out[0], out[28]), (0.0, 1.0));
+    }
+}

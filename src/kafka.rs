@@ -1,0 +1,85 @@
+//! Kafka connection settings shared by every command that talks to a broker,
+//! plus topic administration.
+//!
+//! Every librdkafka property can be set with `-X key=value` (like kcat), so
+//! TLS, SASL and tuning need no code changes here.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+
+/// Broker address and librdkafka passthrough properties.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers (comma-separated host:port).
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Any librdkafka property, e.g. `-X security.protocol=SASL_SSL`; repeatable.
+    /// Applied last, so it overrides fraudstream's own settings.
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
+    pub property: Vec<(String, String)>,
+}
+
+/// Parses `-X key=value`.
+pub fn parse_property(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE (a librdkafka property), got {text:?}")),
+    }
+}
+
+impl KafkaArgs {
+    /// Args pointing at `brokers` with no extra properties.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self { brokers: brokers.into(), property: Vec::new() }
+    }
+
+    /// A client config with the brokers, then `defaults`, then the user's `-X` overrides.
+    pub fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (k, v) in defaults {
+            config.set(*k, *v);
+        }
+        for (k, v) in &self.property {
+            config.set(k, v);
+        }
+        config
+    }
+}
+
+/// A topic-administration failure, naming the topic and the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error("cannot create Kafka admin client for {brokers}: {source}")]
+    Client { brokers: String, source: rdkafka::error::KafkaError },
+    #[error("cannot create topic {topic:?} on {brokers}: {reason} (is the broker reachable? check --brokers)")]
+    Create { topic: String, brokers: String, reason: String },
+}
+
+/// Creates each topic with `partitions` partitions unless it exists already.
+pub async fn ensure_topics(kafka: &KafkaArgs, topics: &[&str], partitions: i32) -> Result<(), TopicError> {
+    let admin: AdminClient<DefaultClientContext> = kafka
+        .client_config(&[])
+        .create()
+        .map_err(|source| TopicError::Client { brokers: kafka.brokers.clone(), source })?;
+    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(&new, &options).await.map_err(|e| TopicError::Create {
+        topic: topics.join(","),
+        brokers: kafka.brokers.clone(),
+        reason: e.to_string(),
+    })?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(TopicError::Create { topic, brokers: kafka.brokers.clone(), reason: code.to_string() })
+            }
+        }
+    }
+    Ok(())
+}

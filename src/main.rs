@@ -1,0 +1,485 @@
+//! The `fraudstream` command line: a thin layer over the library.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use fraudstream::consume::{print_events, ConsumeOptions, EventKind};
+use fraudstream::demo::DemoConfig;
+use fraudstream::kafka::{ensure_topics, KafkaArgs};
+use fraudstream::model::Device;
+use fraudstream::model_watch::WatchConfig;
+use fraudstream::payment::BankSimReader;
+use fraudstream::pipeline::PipelineConfig;
+use fraudstream::produce::{create_producer, publish_payments, PublishOptions};
+use fraudstream::scorer::{ScorerConfig, ScorerParts};
+use fraudstream::telemetry::{init_logging, LogFormat};
+use fraudstream::{Codec, FeatureEncoder, FeatureSpec, Payment, Simulator, WireFormat};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "fraudstream", version, about = "Streaming fraud scoring on Kafka with libtorch")]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, env = "FRAUDSTREAM_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write BankSim-style payments (original CSV format) from the calibrated simulator.
+    Simulate(SimulateArgs),
+    /// Print the 28 model features of payments read on stdin (CSV or JSON lines), one JSON array a line.
+    Encode(EncodeArgs),
+    /// Publish payments from a BankSim CSV file or the simulator to a Kafka topic.
+    Produce(ProduceArgs),
+    /// Print payments or scored payments from a Kafka topic as JSON lines.
+    Consume(ConsumeArgs),
+    /// Run the streaming scorer: consume payments, score them, produce scored payments.
+    Score(Box<ScoreArgs>),
+    /// Run everything in one process (mock broker, local model store): train, score, report.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Consumer group; scorers with the same group share the input partitions.
+    #[arg(long, env = "FRAUDSTREAM_GROUP_ID", default_value = "fraudstream-scorer")]
+    group_id: String,
+    /// Topic of incoming payments.
+    #[arg(long, env = "FRAUDSTREAM_INPUT_TOPIC", default_value = "payments")]
+    input_topic: String,
+    /// Topic for scored payments.
+    #[arg(long, env = "FRAUDSTREAM_OUTPUT_TOPIC", default_value = "payments-scored")]
+    output_topic: String,
+    /// Topic for events that cannot be scored (original bytes, error in headers).
+    #[arg(long, env = "FRAUDSTREAM_DLQ_TOPIC", default_value = "payments-dlq")]
+    dlq_topic: String,
+    /// Wire format of incoming payments.
+    #[arg(long, env = "FRAUDSTREAM_INPUT_FORMAT", value_enum, default_value = "confluent")]
+    input_format: WireFormat,
+    /// Wire format of scored payments.
+    #[arg(long, env = "FRAUDSTREAM_OUTPUT_FORMAT", value_enum, default_value = "confluent")]
+    output_format: WireFormat,
+    /// Schema id written into Confluent headers of scored payments.
+    #[arg(long, env = "FRAUDSTREAM_SCHEMA_ID", default_value_t = 2)]
+    output_schema_id: u32,
+    #[command(flatten)]
+    scoring: ScoringArgs,
+    /// Where model versions are published: s3://bucket/prefix or a local directory.
+    #[arg(long, env = "FRAUDSTREAM_MODEL_STORE", default_value = "models")]
+    model_store: String,
+    /// Serve exactly this version and never swap (default: newest complete version).
+    #[arg(long, env = "FRAUDSTREAM_MODEL_VERSION")]
+    model_version: Option<String>,
+    /// How often to look for a new model version (one LIST call).
+    #[arg(long, env = "FRAUDSTREAM_POLL_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// Local folder for downloaded model versions (default: a temporary folder).
+    #[arg(long, env = "FRAUDSTREAM_MODEL_CACHE")]
+    model_cache: Option<PathBuf>,
+    /// Address of the REST API (TensorFlow Serving compatible), /metrics, /healthz and /readyz.
+    #[arg(long, env = "FRAUDSTREAM_HTTP_ADDR", default_value = "127.0.0.1:8501")]
+    http_addr: std::net::SocketAddr,
+    /// Model name the REST API serves.
+    #[arg(long, env = "FRAUDSTREAM_MODEL_NAME", default_value = "payfraud")]
+    model_name: String,
+    /// Largest REST request body in bytes; larger ones get 413.
+    #[arg(long, env = "FRAUDSTREAM_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// Most events read but not yet acknowledged downstream (backpressure).
+    #[arg(long, env = "FRAUDSTREAM_MAX_IN_FLIGHT", default_value_t = 100_000)]
+    max_in_flight: usize,
+    /// Longest a partition revoke or shutdown waits for in-flight events.
+    #[arg(long, env = "FRAUDSTREAM_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Partitions for the output and dead-letter topics if they must be created.
+    #[arg(long, default_value_t = 4)]
+    topic_partitions: i32,
+}
+
+/// Micro-batching and device settings shared by `score` and `demo`.
+#[derive(Debug, Args)]
+struct ScoringArgs {
+    /// Most events in one forward pass.
+    #[arg(long, env = "FRAUDSTREAM_MAX_BATCH", default_value_t = 1024)]
+    max_batch: usize,
+    /// Longest an event waits for its batch to fill (e.g. `5ms`).
+    #[arg(long, env = "FRAUDSTREAM_MAX_DELAY", default_value = "5ms", value_parser = humantime::parse_duration)]
+    max_delay: Duration,
+    /// Device to score on.
+    #[arg(long, env = "FRAUDSTREAM_DEVICE", value_enum, default_value = "auto")]
+    device: Device,
+    /// Intra-op threads for libtorch (1 is fastest on small shared machines; scale with replicas).
+    #[arg(long, env = "FRAUDSTREAM_THREADS", default_value_t = 1)]
+    threads: i32,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// A real Kafka broker (default: an in-process mock cluster).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    brokers: Option<String>,
+    /// librdkafka properties for --brokers, e.g. `-X security.protocol=SSL`.
+    #[arg(short = 'X', value_name = "KEY=VALUE", requires = "brokers", value_parser = fraudstream::kafka::parse_property)]
+    property: Vec<(String, String)>,
+    /// Model store: s3://bucket/prefix or a directory (default: a temporary directory).
+    #[arg(long, env = "FRAUDSTREAM_MODEL_STORE")]
+    model_store: Option<String>,
+    /// Simulated labelled payments to train on.
+    #[arg(long, default_value_t = 200_000)]
+    train_rows: u64,
+    /// Simulated live payments to stream through the scorer.
+    #[arg(long, default_value_t = 50_000)]
+    events: u64,
+    /// Target rate of live payments per second (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Partitions of the demo topics.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Seed of the simulated history and traffic.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[command(flatten)]
+    scoring: ScoringArgs,
+    /// Also serve the REST API and metrics here during the demo (e.g. 127.0.0.1:8501).
+    #[arg(long)]
+    http_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// Number of payments to write (the original data set has 594,643).
+    #[arg(long, default_value_t = 594_643)]
+    rows: u64,
+    /// Random seed; the same seed gives the same payments.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output file (default: stdout).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct EncodeArgs {
+    /// Smallest training amount (the model's `amount_min`).
+    #[arg(long, default_value_t = 0.0)]
+    amount_min: f64,
+    /// Largest training amount (the model's `amount_max`).
+    #[arg(long, default_value_t = 8329.96)]
+    amount_max: f64,
+}
+
+#[derive(Debug, Args)]
+struct WireArgs {
+    /// Wire format of the events.
+    #[arg(long, env = "FRAUDSTREAM_FORMAT", value_enum, default_value = "confluent")]
+    format: WireFormat,
+    /// Schema id written into the Confluent header.
+    #[arg(long, env = "FRAUDSTREAM_SCHEMA_ID", default_value_t = 1)]
+    schema_id: u32,
+}
+
+impl WireArgs {
+    fn codec(&self) -> Codec {
+        Codec::new(self.format, self.schema_id)
+    }
+}
+
+#[derive(Debug, Args)]
+struct ProduceArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    wire: WireArgs,
+    /// Topic to publish to.
+    #[arg(long, env = "FRAUDSTREAM_INPUT_TOPIC", default_value = "payments")]
+    topic: String,
+    /// Publish the rows of this BankSim CSV file.
+    #[arg(long, conflicts_with = "simulate", required_unless_present = "simulate")]
+    csv: Option<PathBuf>,
+    /// Publish this many simulated payments.
+    #[arg(long, value_name = "N")]
+    simulate: Option<u64>,
+    /// Simulator seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Target rate in events per second (default: as fast as the broker takes them).
+    #[arg(long, value_name = "EVENTS_PER_S")]
+    rate: Option<f64>,
+    /// Keep the source's event times instead of stamping the send time.
+    #[arg(long)]
+    keep_event_time: bool,
+    /// Partitions for the topic if it has to be created.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+}
+
+#[derive(Debug, Args)]
+struct ConsumeArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    wire: WireArgs,
+    /// Topic to read.
+    #[arg(long, default_value = "payments-scored")]
+    topic: String,
+    /// Record type on the topic.
+    #[arg(long, value_enum, default_value = "scored")]
+    kind: EventKind,
+    /// Only new events (default: from the beginning of the topic).
+    #[arg(long)]
+    latest: bool,
+    /// Print only scored payments at or above this fraud probability.
+    #[arg(long, value_name = "P")]
+    min_probability: Option<f64>,
+    /// Print only scored payments flagged as fraud at the model's threshold.
+    #[arg(long)]
+    frauds_only: bool,
+    /// Stop after printing N events.
+    #[arg(long, short = 'n', value_name = "N")]
+    max: Option<u64>,
+    /// Stop when nothing arrives for this long (e.g. `5s`; default: wait forever).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Simulate(args) => simulate(args),
+        Command::Encode(args) => encode(args),
+        Command::Produce(args) => runtime()?.block_on(produce(args)),
+        Command::Consume(args) => runtime()?.block_on(consume(args)),
+        Command::Score(args) => {
+            set_threads(args.scoring.threads)?;
+            runtime()?.block_on(score(*args))
+        }
+        Command::Demo(args) => {
+            set_threads(args.scoring.threads)?;
+            runtime()?.block_on(demo(args))
+        }
+    }
+}
+
+fn set_threads(threads: i32) -> Result<()> {
+    if threads < 1 {
+        bail!("--threads must be at least 1");
+    }
+    tch::set_num_threads(threads);
+    Ok(())
+}
+
+/// Cancels `token` on SIGINT or SIGTERM, so every part can drain and commit.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+                token.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+        }
+        token.cancel();
+    });
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn simulate(args: SimulateArgs) -> Result<()> {
+    let mut sim = Simulator::new(args.rows, args.seed);
+    let out: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(File::create(path).with_context(|| format!("creating {}", path.display()))?),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut out = BufWriter::with_capacity(1 << 20, out);
+    sim.write_csv(&mut out).context("writing simulated payments")?;
+    out.flush().context("writing simulated payments")?;
+    Ok(())
+}
+
+/// Reads payments from stdin: JSON lines if the first non-blank byte is `{`, else BankSim CSV.
+fn read_payments(input: impl BufRead + 'static) -> Result<Box<dyn Iterator<Item = Result<Payment>>>> {
+    let mut input = input;
+    let first = loop {
+        let buf = input.fill_buf().context("reading stdin")?;
+        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
+            Some(i) => break Some(buf[i]),
+            None if buf.is_empty() => break None,
+            None => {
+                let n = buf.len();
+                input.consume(n);
+            }
+        }
+    };
+    Ok(match first {
+        None => Box::new(std::iter::empty()),
+        Some(b'{') => Box::new(
+            input.lines().enumerate().filter(|(_, l)| !matches!(l, Ok(l) if l.trim().is_empty())).map(|(i, line)| {
+                let line = line.context("reading stdin")?;
+                serde_json::from_str::<Payment>(&line)
+                    .with_context(|| format!("stdin line {}: not a Payment JSON object", i + 1))
+            }),
+        ),
+        Some(_) => Box::new(BankSimReader::new(input)?.map(|r| r.map_err(anyhow::Error::from))),
+    })
+}
+
+fn encode(args: EncodeArgs) -> Result<()> {
+    if !(args.amount_max > args.amount_min) {
+        bail!("--amount-max ({}) must be larger than --amount-min ({})", args.amount_max, args.amount_min);
+    }
+    let encoder = FeatureEncoder::new(FeatureSpec::banksim(args.amount_min, args.amount_max));
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut row = vec![0.0f32; encoder.width()];
+    for payment in read_payments(BufReader::new(std::io::stdin()))? {
+        let payment = payment?;
+        encoder.encode_into(&payment, &mut row)?;
+        serde_json::to_writer(&mut out, &row)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+async fn produce(args: ProduceArgs) -> Result<()> {
+    ensure_topics(&args.kafka, &[&args.topic], args.partitions).await?;
+    let producer = create_producer(&args.kafka)?;
+    let options = PublishOptions {
+        topic: args.topic.clone(),
+        codec: args.wire.codec(),
+        rate: args.rate,
+        stamp_event_time: !args.keep_event_time,
+    };
+    let (payments, total): (Box<dyn Iterator<Item = Payment>>, Option<u64>) = match (&args.csv, args.simulate) {
+        (Some(path), _) => {
+            let file = File::open(path).with_context(|| format!("opening BankSim CSV {}", path.display()))?;
+            let prefix = path.file_stem().and_then(|s| s.to_str()).unwrap_or("csv").to_string();
+            let reader = BankSimReader::with_id_prefix(BufReader::new(file), &prefix)?;
+            let path = path.clone();
+            // A bad row stops the run with its line number rather than being skipped silently.
+            let rows = reader.map_while(move |r| match r {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "stopping at a malformed row");
+                    None
+                }
+            });
+            (Box::new(rows), None)
+        }
+        (None, Some(n)) => (Box::new(Simulator::new(n, args.seed)), Some(n)),
+        (None, None) => bail!("pass --csv FILE or --simulate N"),
+    };
+    let bar = match total {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::no_length(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} payments sent [{elapsed_precise}] {per_sec}")
+            .expect("valid progress template"),
+    );
+    let summary = publish_payments(&producer, &options, payments, |sent| bar.set_position(sent)).await?;
+    bar.finish_and_clear();
+    println!("{summary} to topic {:?} on {}", args.topic, args.kafka.brokers);
+    if summary.failed > 0 {
+        bail!("{} payments were not delivered; see the warnings above", summary.failed);
+    }
+    Ok(())
+}
+
+async fn consume(args: ConsumeArgs) -> Result<()> {
+    let options = ConsumeOptions {
+        topic: args.topic,
+        codec: args.wire.codec(),
+        kind: args.kind,
+        from_beginning: !args.latest,
+        min_probability: args.min_probability,
+        frauds_only: args.frauds_only,
+        max_events: args.max,
+        idle_timeout: args.idle_timeout,
+    };
+    let summary = print_events(&args.kafka, &options, &mut std::io::stdout().lock()).await?;
+    if summary.undecodable > 0 {
+        eprintln!("{} events did not decode as {:?} in format {:?}", summary.undecodable, args.kind, args.wire.format);
+    }
+    Ok(())
+}
+
+async fn score(args: ScoreArgs) -> Result<()> {
+    let device = args.scoring.device.resolve()?;
+    let cache = match &args.model_cache {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("fraudstream-models-{}", std::process::id())),
+    };
+    let config = ScorerConfig {
+        pipeline: PipelineConfig {
+            kafka: args.kafka,
+            group_id: args.group_id,
+            input_topic: args.input_topic,
+            output_topic: args.output_topic,
+            dead_letter_topic: args.dlq_topic,
+            input_codec: Codec::new(args.input_format, 0),
+            output_codec: Codec::new(args.output_format, args.output_schema_id),
+            max_batch: args.scoring.max_batch,
+            max_delay: args.scoring.max_delay,
+            max_in_flight: args.max_in_flight,
+            drain_timeout: args.drain_timeout,
+        },
+        watch: WatchConfig {
+            store: args.model_store,
+            pinned_version: args.model_version,
+            poll_interval: args.poll_interval,
+            device,
+            cache_dir: cache,
+        },
+        http_addr: Some(args.http_addr),
+        model_name: args.model_name,
+        body_limit: args.max_body_bytes,
+        topic_partitions: args.topic_partitions,
+    };
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let parts = ScorerParts::new(config.pipeline.max_batch);
+    fraudstream::scorer::run(config, parts, shutdown).await?;
+    Ok(())
+}
+
+async fn demo(args: DemoArgs) -> Result<()> {
+    let kafka = args.brokers.map(|brokers| KafkaArgs { brokers, property: args.property });
+    let config = DemoConfig {
+        kafka,
+        model_store: args.model_store,
+        train_rows: args.train_rows,
+        events: args.events,
+        rate: args.rate,
+        partitions: args.partitions,
+        seed: args.seed,
+        device: args.scoring.device,
+        max_batch: args.scoring.max_batch,
+        max_delay: args.scoring.max_delay,
+        http_addr: args.http_addr,
+    };
+    let summary = fraudstream::demo::run(config).await?;
+    println!("{summary}");
+    if summary.scored + summary.dead_lettered < summary.produced {
+        bail!("{} payments were not scored", summary.produced - summary.scored - summary.dead_lettered);
+    }
+    Ok(())
+}

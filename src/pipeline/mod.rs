@@ -1,0 +1,545 @@
+//! The streaming scorer: consume `Payment`s in a consumer group, score them
+//! in micro-batches, produce `ScoredPayment`s, dead-letter what cannot be
+//! scored, and commit an input offset only after its output is acknowledged.
+//!
+//! Data flow (one direction):
+//!
+//! ```text
+//! consumer loop --decode--> batcher --micro-batch--> ScoringService (model thread)
+//!      \--undecodable--> DLQ                              |
+//!                                 emitter <--scores-------+
+//!                                    |--ScoredPayment--> output topic
+//!                                    \--unencodable----> DLQ
+//! broker ack (delivery callback) --> OffsetTracker --> store offset --> auto-commit
+//! ```
+//!
+//! At-least-once: offsets are stored only from delivery callbacks, in order
+//! per partition; on partition revoke and on shutdown, in-flight work is
+//! drained and committed before the partitions are let go. A crash anywhere
+//! re-delivers instead of losing. Backpressure: a semaphore bounds events in
+//! flight, so a slow broker pauses consumption rather than filling memory.
+
+mod offsets;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Message, Statistics};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+pub use offsets::OffsetTracker;
+
+use crate::codec::Codec;
+use crate::kafka::KafkaArgs;
+use crate::payment::{now_ms, Payment, ScoredPayment};
+use crate::scoring::{ScoredBatch, ScoringError, ScoringService};
+use crate::telemetry::metric;
+
+/// Settings of the streaming part of the scorer.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub kafka: KafkaArgs,
+    pub group_id: String,
+    pub input_topic: String,
+    pub output_topic: String,
+    pub dead_letter_topic: String,
+    pub input_codec: Codec,
+    pub output_codec: Codec,
+    /// Most events in one micro-batch.
+    pub max_batch: usize,
+    /// Longest an event waits for its batch to fill.
+    pub max_delay: Duration,
+    /// Most events read but not yet acknowledged downstream (backpressure).
+    pub max_in_flight: usize,
+    /// Longest a revoke or shutdown waits for in-flight events.
+    pub drain_timeout: Duration,
+}
+
+/// Shared liveness facts for `/readyz`.
+#[derive(Debug, Default)]
+pub struct PipelineState {
+    assigned: Mutex<HashSet<(String, i32)>>,
+    running: AtomicBool,
+}
+
+impl PipelineState {
+    /// Partitions this member owns now.
+    pub fn assigned_partitions(&self) -> usize {
+        self.assigned.lock().expect("assignment lock").len()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts of one pipeline run, for tests and the demo's summary.
+#[derive(Debug, Default)]
+pub struct PipelineCounters {
+    pub consumed: std::sync::atomic::AtomicU64,
+    pub scored: std::sync::atomic::AtomicU64,
+    pub dead_lettered: std::sync::atomic::AtomicU64,
+    pub flagged: std::sync::atomic::AtomicU64,
+}
+
+/// A failure that stops the pipeline (bad configuration, unreachable broker at start).
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("Kafka client for {brokers}: {source}")]
+    Kafka { brokers: String, source: KafkaError },
+    #[error("scoring service: {0}")]
+    Scoring(#[from] ScoringError),
+}
+
+/// What the delivery callback needs to finish an event.
+struct Delivery {
+    partition: i32,
+    offset: i64,
+    event_time: i64,
+    kind: DeliveryKind,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum DeliveryKind {
+    Scored,
+    DeadLetter,
+}
+
+type ScorerConsumer = StreamConsumer<ConsumerHooks>;
+
+/// State shared by the consumer hooks and the producer's delivery callback.
+struct Shared {
+    input_topic: String,
+    tracker: OffsetTracker,
+    state: Arc<PipelineState>,
+    in_flight: Arc<Semaphore>,
+    consumer: OnceLock<Arc<ScorerConsumer>>,
+    counters: Arc<PipelineCounters>,
+    drain_timeout: Duration,
+}
+
+impl Shared {
+    /// An event is done: free its slot, and store the committable offset.
+    fn finish(&self, partition: i32, offset: i64) {
+        self.in_flight.add_permits(1);
+        if let Some(position) = self.tracker.finish(&self.input_topic, partition, offset) {
+            if let Some(consumer) = self.consumer.get() {
+                // store_offset(o) commits o + 1; fails harmlessly if the partition was revoked.
+                if let Err(e) = consumer.store_offset(&self.input_topic, partition, position - 1) {
+                    tracing::debug!(partition, position, error = %e, "offset not stored");
+                }
+            }
+        }
+    }
+}
+
+/// Rebalance and statistics hooks of the consumer.
+struct ConsumerHooks(Arc<Shared>);
+
+impl ClientContext for ConsumerHooks {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(metric::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ConsumerHooks {
+    fn pre_rebalance(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else { return };
+        let revoked: Vec<(String, i32)> =
+            list.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        metrics::counter!(metric::REBALANCES, "kind" => "revoke").increment(1);
+        // Drain: wait until every event of the revoked partitions is acknowledged
+        // (the batcher and emitter run on other threads), then commit.
+        let deadline = Instant::now() + self.0.drain_timeout;
+        while self.0.tracker.in_flight(Some(&revoked)) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let left = self.0.tracker.in_flight(Some(&revoked));
+        if left > 0 {
+            tracing::warn!(left, "revoke: drain timed out; those events will be re-delivered to the next owner");
+        }
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(error = %e, "revoke: nothing to commit or commit failed");
+        }
+        self.0.tracker.forget(&revoked);
+        let mut assigned = self.0.state.assigned.lock().expect("assignment lock");
+        for key in &revoked {
+            assigned.remove(key);
+        }
+        tracing::info!(partitions = ?revoked, "partitions revoked after draining");
+    }
+
+    fn post_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let added: Vec<(String, i32)> =
+                list.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+            metrics::counter!(metric::REBALANCES, "kind" => "assign").increment(1);
+            tracing::info!(partitions = ?added, "partitions assigned");
+            self.0.state.assigned.lock().expect("assignment lock").extend(added);
+        }
+    }
+}
+
+/// The producer's delivery callback: runs on librdkafka's thread, so
+/// acknowledgements never wait on the async runtime.
+struct DeliveryHooks(Arc<Shared>);
+
+impl ClientContext for DeliveryHooks {}
+
+impl ProducerContext for DeliveryHooks {
+    type DeliveryOpaque = Box<Delivery>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
+        match result {
+            Ok(_) => {
+                match delivery.kind {
+                    DeliveryKind::Scored => {
+                        metrics::counter!(metric::EVENTS_OUT).increment(1);
+                        self.0.counters.scored.fetch_add(1, Ordering::Relaxed);
+                        let latency = (now_ms() - delivery.event_time).max(0) as f64 / 1000.0;
+                        metrics::histogram!(metric::END_TO_END_SECONDS).record(latency);
+                    }
+                    DeliveryKind::DeadLetter => {
+                        self.0.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                self.0.finish(delivery.partition, delivery.offset);
+            }
+            Err((e, _)) => {
+                // With message.timeout.ms=0 librdkafka retries until it succeeds;
+                // only permanent errors land here. The offset stays uncommitted,
+                // so the event is re-delivered after a restart: nothing is lost.
+                tracing::error!(
+                    partition = delivery.partition,
+                    offset = delivery.offset,
+                    error = %e,
+                    "output delivery failed permanently; its input offset will not be committed"
+                );
+                metrics::counter!(metric::DELIVERY_RETRIES).increment(1);
+                self.0.in_flight.add_permits(1);
+            }
+        }
+    }
+}
+
+/// An event on its way through the pipeline.
+struct InFlight {
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    /// Kept for dead letters, which carry the original bytes.
+    payload: Vec<u8>,
+    headers: Option<OwnedHeaders>,
+}
+
+struct Emitter {
+    producer: ThreadedProducer<DeliveryHooks>,
+    config: PipelineConfig,
+}
+
+impl Emitter {
+    /// Enqueues a record, waiting while librdkafka's local queue is full.
+    async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: Option<OwnedHeaders>,
+        delivery: Box<Delivery>,
+    ) {
+        let mut record = BaseRecord::with_opaque_to(topic, delivery).payload(payload);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(headers) = headers {
+            record = record.headers(headers);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, back)) => {
+                    tracing::error!(topic, error = %e, "cannot enqueue record; retrying");
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Sends the original event to the dead-letter topic with headers naming the error.
+    async fn dead_letter(&self, event: InFlight, event_time: i64, reason: &'static str, error: &str) {
+        metrics::counter!(metric::EVENTS_DEAD_LETTERED, "reason" => reason).increment(1);
+        tracing::debug!(partition = event.partition, offset = event.offset, reason, error, "dead-lettering event");
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = &event.headers {
+            for h in original.iter() {
+                headers = headers.insert(Header { key: h.key, value: h.value });
+            }
+        }
+        let partition = event.partition.to_string();
+        let offset = event.offset.to_string();
+        headers = headers
+            .insert(Header { key: "fraudstream.error", value: Some(error) })
+            .insert(Header { key: "fraudstream.error.reason", value: Some(reason) })
+            .insert(Header { key: "fraudstream.source.topic", value: Some(self.config.input_topic.as_str()) })
+            .insert(Header { key: "fraudstream.source.partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "fraudstream.source.offset", value: Some(offset.as_str()) });
+        let delivery = Box::new(Delivery {
+            partition: event.partition,
+            offset: event.offset,
+            event_time,
+            kind: DeliveryKind::DeadLetter,
+        });
+        self.send(&self.config.dead_letter_topic, event.key.as_deref(), &event.payload, Some(headers), delivery).await;
+    }
+
+    /// Produces the results of one scored batch, in order.
+    async fn emit(&self, events: Vec<InFlight>, batch: Result<ScoredBatch, ScoringError>, counters: &PipelineCounters) {
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                let message = format!("scoring failed: {e}");
+                for event in events {
+                    self.dead_letter(event, now_ms(), "scoring", &message).await;
+                }
+                return;
+            }
+        };
+        let scored_at = now_ms();
+        for ((event, payment), result) in events.into_iter().zip(batch.payments).zip(batch.results) {
+            match result {
+                Ok([_, p_fraud]) => {
+                    let fraud_probability = f64::from(p_fraud);
+                    let is_fraud = fraud_probability >= batch.model.threshold;
+                    metrics::histogram!(metric::FRAUD_PROBABILITY).record(fraud_probability);
+                    if is_fraud {
+                        metrics::counter!(metric::FRAUD_FLAGGED).increment(1);
+                        counters.flagged.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let event_time = payment.event_time;
+                    let scored = ScoredPayment {
+                        payment,
+                        fraud_probability,
+                        is_fraud,
+                        threshold: batch.model.threshold,
+                        model_name: batch.model.name.clone(),
+                        model_version: batch.model.version.clone(),
+                        scored_at,
+                    };
+                    match self.config.output_codec.encode_scored(&scored) {
+                        Ok(bytes) => {
+                            let delivery = Box::new(Delivery {
+                                partition: event.partition,
+                                offset: event.offset,
+                                event_time,
+                                kind: DeliveryKind::Scored,
+                            });
+                            self.send(&self.config.output_topic, event.key.as_deref(), &bytes, None, delivery).await;
+                        }
+                        Err(e) => self.dead_letter(event, event_time, "output-encoding", &e.to_string()).await,
+                    }
+                }
+                Err(e) => self.dead_letter(event, payment.event_time, "invalid-payment", &e.to_string()).await,
+            }
+        }
+    }
+}
+
+/// Runs the pipeline until `shutdown` is cancelled, then drains and commits.
+/// The scoring service must already have a model in service.
+pub async fn run(
+    config: PipelineConfig,
+    scoring: ScoringService,
+    state: Arc<PipelineState>,
+    counters: Arc<PipelineCounters>,
+    shutdown: CancellationToken,
+) -> Result<(), PipelineError> {
+    let kafka_err = |source| PipelineError::Kafka { brokers: config.kafka.brokers.clone(), source };
+    let shared = Arc::new(Shared {
+        input_topic: config.input_topic.clone(),
+        tracker: OffsetTracker::default(),
+        state: state.clone(),
+        in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+        consumer: OnceLock::new(),
+        counters: counters.clone(),
+        drain_timeout: config.drain_timeout,
+    });
+    let producer: ThreadedProducer<DeliveryHooks> = config
+        .kafka
+        .client_config(&[
+            ("enable.idempotence", "true"),
+            ("linger.ms", "2"),
+            ("compression.type", "lz4"),
+            // Retry until delivered: an undeliverable output must never let its input be committed.
+            ("message.timeout.ms", "0"),
+            ("queue.buffering.max.messages", "1000000"),
+        ])
+        .create_with_context(DeliveryHooks(shared.clone()))
+        .map_err(kafka_err)?;
+    let consumer: Arc<ScorerConsumer> = Arc::new(
+        config
+            .kafka
+            .client_config(&[
+                ("group.id", &config.group_id),
+                ("partition.assignment.strategy", "cooperative-sticky"),
+                ("enable.auto.commit", "true"),
+                ("auto.commit.interval.ms", "1000"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("statistics.interval.ms", "5000"),
+            ])
+            .create_with_context(ConsumerHooks(shared.clone()))
+            .map_err(kafka_err)?,
+    );
+    let _ = shared.consumer.set(consumer.clone());
+    consumer.subscribe(&[&config.input_topic]).map_err(kafka_err)?;
+    state.running.store(true, Ordering::Relaxed);
+    tracing::info!(topic = %config.input_topic, group = %config.group_id, "consuming");
+
+    // batcher: events -> micro-batches -> scoring service; emitter: scores -> topics.
+    let (event_tx, mut event_rx) = mpsc::channel::<(InFlight, Payment)>(config.max_batch * 4);
+    type Pending = (Vec<InFlight>, oneshot::Receiver<Result<ScoredBatch, ScoringError>>);
+    let (batch_tx, mut batch_rx) = mpsc::channel::<Pending>(8);
+    let emitter = Arc::new(Emitter { producer, config: config.clone() });
+
+    let batcher = {
+        let scoring = scoring.clone();
+        let (max_batch, max_delay) = (config.max_batch, config.max_delay);
+        tokio::spawn(async move {
+            let mut events = Vec::with_capacity(max_batch);
+            let mut payments = Vec::with_capacity(max_batch);
+            loop {
+                let deadline = tokio::time::Instant::now() + max_delay;
+                // Wait for the first event of a batch, then fill until full or due.
+                match event_rx.recv().await {
+                    None => break,
+                    Some((event, payment)) => {
+                        events.push(event);
+                        payments.push(payment);
+                    }
+                }
+                while events.len() < max_batch {
+                    match tokio::time::timeout_at(deadline, event_rx.recv()).await {
+                        Ok(Some((event, payment))) => {
+                            events.push(event);
+                            payments.push(payment);
+                        }
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                let reply = match scoring.submit(std::mem::take(&mut payments)).await {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        let (tx, rx) = oneshot::channel();
+                        let _ = tx.send(Err(e));
+                        rx
+                    }
+                };
+                if batch_tx.send((std::mem::take(&mut events), reply)).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let emitter_task = {
+        let emitter = emitter.clone();
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            while let Some((events, reply)) = batch_rx.recv().await {
+                let batch = reply.await.unwrap_or(Err(ScoringError::Stopped));
+                emitter.emit(events, batch, &counters).await;
+            }
+        })
+    };
+
+    // The consumer loop.
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = shared.in_flight.clone().acquire_owned() => permit.expect("semaphore open"),
+        };
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = consumer.recv() => message,
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // The slot is given back by the delivery callback.
+        permit.forget();
+        metrics::counter!(metric::EVENTS_IN).increment(1);
+        counters.consumed.fetch_add(1, Ordering::Relaxed);
+        let (event, decoded) = take_event(&message, &config.input_codec);
+        shared.tracker.begin(&config.input_topic, event.partition, event.offset);
+        match decoded {
+            Ok(payment) => {
+                if event_tx.send((event, payment)).await.is_err() {
+                    break;
+                }
+            }
+            Err(error) => emitter.dead_letter(event, now_ms(), "undecodable", &error).await,
+        }
+    }
+
+    // Shutdown: stop reading, drain what is in flight, commit, let go.
+    tracing::info!("shutting down: draining in-flight events");
+    drop(event_tx);
+    let _ = batcher.await;
+    let _ = emitter_task.await;
+    let deadline = Instant::now() + config.drain_timeout;
+    while shared.tracker.in_flight(None) > 0 && Instant::now() < deadline {
+        let _ = emitter.producer.flush(Duration::from_millis(100));
+    }
+    let left = shared.tracker.in_flight(None);
+    if left > 0 {
+        tracing::warn!(left, "drain timed out; those events will be re-delivered");
+    }
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        tracing::debug!(error = %e, "final commit: nothing to commit or commit failed");
+    }
+    consumer.unsubscribe();
+    state.running.store(false, Ordering::Relaxed);
+    state.assigned.lock().expect("assignment lock").clear();
+    tracing::info!("pipeline stopped");
+    Ok(())
+}
+
+fn take_event(message: &BorrowedMessage<'_>, codec: &Codec) -> (InFlight, Result<Payment, String>) {
+    let payload = message.payload().unwrap_or_default();
+    let decoded = if payload.is_empty() {
+        Err("empty message".to_string())
+    } else {
+        codec.decode_payment(payload).map_err(|e| e.to_string())
+    };
+    let event = InFlight {
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        payload: payload.to_vec(),
+        headers: message.headers().map(|h| h.detach()),
+    };
+    (event, decoded)
+}

@@ -1,0 +1,99 @@
+//! Which input offsets may be committed: only those whose output (or dead
+//! letter) the broker has acknowledged, and only in order per partition.
+//!
+//! Outputs of one input partition can be acknowledged out of order (they may
+//! land on different output partitions), so each partition keeps the set of
+//! offsets still in flight; the committable position is the lowest of them,
+//! or one past the highest offset seen when none is in flight.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    in_flight: BTreeSet<i64>,
+    /// One past the highest offset begun.
+    next: i64,
+    /// Highest position already reported as committable.
+    reported: i64,
+}
+
+/// Thread-safe tracker shared by the consumer loop and the delivery callbacks.
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    partitions: Mutex<HashMap<(String, i32), PartitionState>>,
+}
+
+impl OffsetTracker {
+    /// Records that `offset` was read and is now in flight.
+    pub fn begin(&self, topic: &str, partition: i32, offset: i64) {
+        let mut map = self.partitions.lock().expect("offset tracker lock");
+        let state = map.entry((topic.to_string(), partition)).or_default();
+        state.in_flight.insert(offset);
+        state.next = state.next.max(offset + 1);
+    }
+
+    /// Records that `offset` is done (its output is acknowledged). Returns the
+    /// new committable position (every offset below it is done) if it moved.
+    pub fn finish(&self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
+        let mut map = self.partitions.lock().expect("offset tracker lock");
+        let state = map.get_mut(&(topic.to_string(), partition))?;
+        state.in_flight.remove(&offset);
+        let position = state.in_flight.first().copied().unwrap_or(state.next);
+        if position > state.reported {
+            state.reported = position;
+            Some(position)
+        } else {
+            None
+        }
+    }
+
+    /// Offsets in flight on the given partitions (all partitions if `None`).
+    pub fn in_flight(&self, partitions: Option<&[(String, i32)]>) -> usize {
+        let map = self.partitions.lock().expect("offset tracker lock");
+        match partitions {
+            None => map.values().map(|s| s.in_flight.len()).sum(),
+            Some(list) => list.iter().filter_map(|k| map.get(k)).map(|s| s.in_flight.len()).sum(),
+        }
+    }
+
+    /// Forgets partitions this consumer no longer owns.
+    pub fn forget(&self, partitions: &[(String, i32)]) {
+        let mut map = self.partitions.lock().expect("offset tracker lock");
+        for key in partitions {
+            map.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_only_below_the_lowest_offset_in_flight() {
+        let t = OffsetTracker::default();
+        for o in 10..15 {
+            t.begin("in", 0, o);
+        }
+        assert_eq!(t.finish("in", 0, 12), None, "10 and 11 are still in flight");
+        assert_eq!(t.finish("in", 0, 10), Some(11));
+        assert_eq!(t.finish("in", 0, 11), Some(13));
+        assert_eq!(t.finish("in", 0, 14), None);
+        assert_eq!(t.in_flight(None), 1);
+        assert_eq!(t.finish("in", 0, 13), Some(15));
+        assert_eq!(t.in_flight(None), 0);
+    }
+
+    #[test]
+    fn partitions_are_independent_and_can_be_forgotten() {
+        let t = OffsetTracker::default();
+        t.begin("in", 0, 5);
+        t.begin("in", 1, 7);
+        assert_eq!(t.finish("in", 1, 7), Some(8));
+        assert_eq!(t.in_flight(Some(&[("in".into(), 0)])), 1);
+        t.forget(&[("in".into(), 0)]);
+        assert_eq!(t.in_flight(None), 0);
+        assert_eq!(t.finish("in", 0, 5), None, "a forgotten partition reports nothing");
+    }
+}

@@ -1,0 +1,101 @@
+//! `fraudstream score`: the process that wires the pieces together, the
+//! scoring service, the model watcher, the HTTP API and the Kafka pipeline,
+//! and threads one shutdown signal through all of them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{router, ApiState};
+use crate::kafka::ensure_topics;
+use crate::model_watch::{ModelWatcher, WatchConfig};
+use crate::pipeline::{PipelineConfig, PipelineCounters, PipelineError, PipelineState};
+use crate::scoring::ScoringService;
+
+/// Everything `fraudstream score` needs.
+#[derive(Debug, Clone)]
+pub struct ScorerConfig {
+    pub pipeline: PipelineConfig,
+    pub watch: WatchConfig,
+    /// Where the REST API and metrics listen; `None` runs without HTTP.
+    pub http_addr: Option<SocketAddr>,
+    /// Model name served by the REST API.
+    pub model_name: String,
+    /// Largest accepted REST request body, in bytes.
+    pub body_limit: usize,
+    /// Partitions for the output and dead-letter topics if they must be created.
+    pub topic_partitions: i32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScorerError {
+    #[error("cannot listen on {addr}: {source} (is another scorer running there? pick another --http-addr)")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+}
+
+/// A running scorer's shared parts, for callers that watch it (the demo, tests).
+#[derive(Clone)]
+pub struct ScorerParts {
+    pub scoring: ScoringService,
+    pub state: Arc<PipelineState>,
+    pub counters: Arc<PipelineCounters>,
+}
+
+impl ScorerParts {
+    pub fn new(max_batch: usize) -> Self {
+        Self {
+            scoring: ScoringService::start(max_batch, 64),
+            state: Arc::new(PipelineState::default()),
+            counters: Arc::new(PipelineCounters::default()),
+        }
+    }
+}
+
+/// Runs the scorer until `shutdown` is cancelled; then drains, commits and returns.
+pub async fn run(config: ScorerConfig, parts: ScorerParts, shutdown: CancellationToken) -> Result<(), ScorerError> {
+    // HTTP first, so /healthz answers (and /readyz says why not) while we wait for a model.
+    let http = match config.http_addr {
+        None => None,
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|source| ScorerError::Bind { addr, source })?;
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "REST API and metrics listening");
+            let app = router(
+                ApiState {
+                    scoring: parts.scoring.clone(),
+                    model_name: config.model_name.clone(),
+                    pipeline: Some(parts.state.clone()),
+                    prometheus: crate::telemetry::prometheus(),
+                },
+                config.body_limit,
+            );
+            let stop = shutdown.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            }))
+        }
+    };
+
+    let mut watcher = ModelWatcher::new(config.watch.clone(), parts.scoring.clone());
+    if !watcher.load_initial(&shutdown).await {
+        return Ok(());
+    }
+    let topics = [config.pipeline.output_topic.as_str(), config.pipeline.dead_letter_topic.as_str()];
+    if let Err(e) = ensure_topics(&config.pipeline.kafka, &topics, config.topic_partitions).await {
+        tracing::warn!(error = %e, "could not create the output topics; assuming they are managed elsewhere");
+    }
+    let watch = tokio::spawn(watcher.watch(shutdown.clone()));
+    let result =
+        crate::pipeline::run(config.pipeline, parts.scoring, parts.state, parts.counters, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = watch.await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
+    Ok(result?)
+}

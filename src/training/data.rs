@@ -1,0 +1,172 @@
+//! Labelled payments for training: from a BankSim CSV file (local or
+//! `s3://bucket/key`) or the simulator, split by time into train,
+//! validation and holdout, so the holdout measures the future.
+
+use std::io::BufReader;
+
+use crate::payment::BankSimReader;
+use crate::{Payment, Simulator};
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+/// Where the labelled data comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataSource {
+    /// A BankSim CSV path or `s3://bucket/key`.
+    Csv(String),
+    Simulator {
+        rows: u64,
+        seed: u64,
+    },
+}
+
+impl std::fmt::Display for DataSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataSource::Csv(path) => write!(f, "{path}"),
+            DataSource::Simulator { rows, seed } => write!(f, "simulator(rows={rows}, seed={seed})"),
+        }
+    }
+}
+
+/// Reads every labelled payment; rows without a label are an error (a
+/// trainer cannot learn from them). Shows a progress spinner while reading.
+pub async fn load(source: &DataSource) -> Result<Vec<Payment>> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(indicatif::ProgressStyle::with_template("{spinner} reading {msg}: {pos} rows").expect("template"));
+    bar.set_message(source.to_string());
+    let payments = match source {
+        DataSource::Simulator { rows, seed } => {
+            let sim = Simulator::new(*rows, *seed);
+            sim.inspect(|_| bar.inc(1)).collect()
+        }
+        DataSource::Csv(location) => {
+            let bytes: Box<dyn std::io::Read> = if let Some(rest) = location.strip_prefix("s3://") {
+                let (bucket, key) = rest
+                    .split_once('/')
+                    .filter(|(b, k)| !b.is_empty() && !k.is_empty())
+                    .with_context(|| format!("--data {location:?}: expected s3://bucket/key"))?;
+                let client = crate::model::s3_client().await;
+                let object = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot read training data {location}: {} (check AWS_ENDPOINT_URL and the AWS credentials)",
+                        aws_sdk_s3::error::DisplayErrorContext(e)
+                    )
+                })?;
+                let data = object.body.collect().await.with_context(|| format!("reading {location}"))?;
+                Box::new(std::io::Cursor::new(data.into_bytes()))
+            } else {
+                Box::new(std::fs::File::open(location).with_context(|| format!("opening training data {location}"))?)
+            };
+            let reader = BankSimReader::new(BufReader::with_capacity(1 << 20, bytes))
+                .with_context(|| format!("reading training data {location}"))?;
+            let mut payments = Vec::new();
+            for row in reader {
+                let payment = row.with_context(|| format!("training data {location}"))?;
+                if payment.fraud.is_none() {
+                    bail!("training data {location}: payment {} has no fraud label", payment.payment_id);
+                }
+                payments.push(payment);
+                bar.inc(1);
+            }
+            payments
+        }
+    };
+    bar.finish_and_clear();
+    if payments.is_empty() {
+        bail!("training data {source} holds no payments");
+    }
+    Ok(payments)
+}
+
+/// Payments split by step: the earliest `train` share, then `validation`, then the rest.
+#[derive(Debug, Clone)]
+pub struct TimeSplit {
+    pub train: Vec<Payment>,
+    pub validation: Vec<Payment>,
+    pub holdout: Vec<Payment>,
+}
+
+impl TimeSplit {
+    /// Splits at whole steps (days), so no day is in two sets. Fails if a set
+    /// would be empty or hold no fraud (nothing to learn or measure).
+    pub fn new(mut payments: Vec<Payment>, train_share: f64, validation_share: f64) -> Result<Self> {
+        payments.sort_by_key(|p| (p.step, p.event_time));
+        let n = payments.len() as f64;
+        let cut = |share: f64| {
+            let target = (n * share) as usize;
+            let step_at = payments.get(target).map_or(i32::MAX, |p| p.step);
+            payments.partition_point(|p| p.step < step_at)
+        };
+        let (a, b) = (cut(train_share), cut(train_share + validation_share));
+        let holdout = payments.split_off(b);
+        let validation = payments.split_off(a);
+        let split = Self { train: payments, validation, holdout };
+        for (name, set) in [("train", &split.train), ("validation", &split.validation), ("holdout", &split.holdout)] {
+            let frauds = set.iter().filter(|p| p.fraud == Some(true)).count();
+            if set.is_empty() || frauds == 0 {
+                bail!(
+                    "the {name} set has {} payments and {frauds} frauds; the data is too small or spans too few steps to split by time",
+                    set.len()
+                );
+            }
+        }
+        Ok(split)
+    }
+}
+
+/// Labels as booleans.
+pub fn labels(payments: &[Payment]) -> Vec<bool> {
+    payments.iter().map(|p| p.fraud == Some(true)).collect()
+}
+
+/// SHA-256 over every payment's features and label, in order: tells data sets apart.
+pub fn content_hash(payments: &[Payment]) -> String {
+    let mut hasher = Sha256::new();
+    for p in payments {
+        hasher.update(p.step.to_le_bytes());
+        hasher.update(p.customer.as_bytes());
+        hasher.update(p.age.as_bytes());
+        hasher.update(p.gender.as_bytes());
+        hasher.update(p.merchant.as_bytes());
+        hasher.update(p.category.as_bytes());
+        hasher.update(p.amount.to_le_bytes());
+        hasher.update([u8::from(p.fraud == Some(true))]);
+    }
+    hex::encode(hasher.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_by_time_and_covers_everything() {
+        let payments: Vec<Payment> = Simulator::new(20_000, 5).collect();
+        let split = TimeSplit::new(payments, 0.7, 0.15).unwrap();
+        let total = split.train.len() + split.validation.len() + split.holdout.len();
+        assert_eq!(total, 20_000);
+        let last_train = split.train.iter().map(|p| p.step).max().unwrap();
+        let first_val = split.validation.iter().map(|p| p.step).min().unwrap();
+        let last_val = split.validation.iter().map(|p| p.step).max().unwrap();
+        let first_hold = split.holdout.iter().map(|p| p.step).min().unwrap();
+        assert!(last_train < first_val && last_val < first_hold);
+        let share = split.train.len() as f64 / 20_000.0;
+        assert!((0.65..0.75).contains(&share), "train share {share}");
+    }
+
+    #[test]
+    fn too_little_data_is_a_clear_error() {
+        let payments: Vec<Payment> = Simulator::new(30, 5).collect();
+        let err = TimeSplit::new(payments, 0.7, 0.15).unwrap_err().to_string();
+        assert!(err.contains("too small"), "{err}");
+    }
+
+    #[test]
+    fn hash_changes_with_the_data() {
+        let a: Vec<Payment> = Simulator::new(100, 1).collect();
+        let b: Vec<Payment> = Simulator::new(100, 2).collect();
+        assert_eq!(content_hash(&a), content_hash(&a.clone()));
+        assert_ne!(content_hash(&a), content_hash(&b));
+    }
+}

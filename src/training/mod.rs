@@ -1,0 +1,245 @@
+//! Training: turns labelled payments into a published model version. It
+//! trains an MLP, evaluates it against a logistic baseline and the current
+//! champion on a time-based holdout, and publishes it as a new immutable
+//! version when it is at least as good. `fraudstream-trainer` is a thin CLI
+//! over `run_once`; `fraudstream demo` calls it in-process.
+
+pub mod data;
+pub mod evaluate;
+pub mod report;
+pub mod train;
+
+use std::time::Instant;
+
+use crate::model::{
+    device_name, Device, Model, ModelManifest, ModelStore, TrainingDataSummary, INPUT_NAME, MANIFEST_FILE, MODEL_FILE,
+    OUTPUT_NAME,
+};
+use crate::{FeatureEncoder, FeatureSpec, Payment};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::training::data::{DataSource, TimeSplit};
+use crate::training::evaluate::{choose_threshold, Evaluation};
+use crate::training::train::{Architecture, TrainConfig};
+
+/// Everything one training run needs.
+#[derive(Debug, Clone)]
+pub struct TrainerOptions {
+    pub data: DataSource,
+    pub model_store: String,
+    pub model_name: String,
+    pub device: Device,
+    pub target_precision: Option<f64>,
+    /// Publish even if the current champion is better on the holdout.
+    pub force: bool,
+    pub train: TrainConfig,
+}
+
+/// What a run decided.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// The version this run trained (published or not).
+    pub version: String,
+    pub published: bool,
+    /// One line saying which model won and why.
+    pub verdict: String,
+    pub holdout: Evaluation,
+    pub baseline: Evaluation,
+    pub champion: Option<(String, Evaluation)>,
+    pub training_seconds: f64,
+}
+
+fn encode(encoder: &FeatureEncoder, payments: &[Payment], set: &str) -> Result<Vec<f32>> {
+    let mut features = Vec::with_capacity(payments.len() * encoder.width());
+    encoder.encode_all(payments, &mut features).with_context(|| format!("encoding the {set} set"))?;
+    Ok(features)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// One training run, from data to (maybe) a published version.
+pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
+    let started = Instant::now();
+    // Open the store first: a wrong URL or unreachable S3 fails before any training.
+    let store = ModelStore::open(&options.model_store).await?;
+    let latest = store.latest_version().await.context("looking up the current champion")?;
+
+    let payments = data::load(&options.data).await?;
+    let summary = TrainingDataSummary {
+        source: options.data.to_string(),
+        rows: payments.len() as u64,
+        frauds: payments.iter().filter(|p| p.fraud == Some(true)).count() as u64,
+        sha256: data::content_hash(&payments),
+    };
+    let split = TimeSplit::new(payments, 0.7, 0.15)?;
+    let spec = FeatureSpec::fit(&split.train);
+    let encoder = FeatureEncoder::new(spec.clone());
+    let width = encoder.width();
+    let train_x = encode(&encoder, &split.train, "train")?;
+    let val_x = encode(&encoder, &split.validation, "validation")?;
+    let hold_x = encode(&encoder, &split.holdout, "holdout")?;
+    let (train_y, val_y, hold_y) =
+        (data::labels(&split.train), data::labels(&split.validation), data::labels(&split.holdout));
+
+    let device = options.device.resolve()?;
+    tracing::info!(
+        rows = summary.rows,
+        frauds = summary.frauds,
+        train = split.train.len(),
+        validation = split.validation.len(),
+        holdout = split.holdout.len(),
+        device = %device_name(device),
+        "training"
+    );
+    let bar = indicatif::ProgressBar::new(options.train.max_epochs as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} epoch {pos}/{len} {msg}").expect("template"));
+    let (mut mlp, history) = train::train(
+        Architecture::Mlp,
+        (&train_x, &train_y),
+        (&val_x, &val_y),
+        width,
+        &options.train,
+        device,
+        |log| {
+            bar.set_position(log.epoch as u64);
+            bar.set_message(format!("loss {:.4}  validation AP {:.4}", log.loss, log.validation_ap));
+        },
+    )?;
+    bar.finish_and_clear();
+    let (baseline, _) = train::train(
+        Architecture::Logistic,
+        (&train_x, &train_y),
+        (&val_x, &val_y),
+        width,
+        &options.train,
+        device,
+        |_| {},
+    )?;
+    let training_seconds = started.elapsed().as_secs_f64();
+
+    let threshold = choose_threshold(&mlp.score(&val_x), &val_y, options.target_precision);
+    let model_scores = mlp.score(&hold_x);
+    let holdout = Evaluation::new(&model_scores, &hold_y, threshold);
+    let base_threshold = choose_threshold(&baseline.score(&val_x), &val_y, options.target_precision);
+    let baseline_scores = baseline.score(&hold_x);
+    let baseline_eval = Evaluation::new(&baseline_scores, &hold_y, base_threshold);
+
+    let work = tempfile::tempdir().context("creating a temporary folder")?;
+    let model_path = work.path().join(MODEL_FILE);
+    mlp.export(&model_path)?;
+
+    // The champion, re-scored on this run's holdout (not its own recorded metrics).
+    let champion = match &latest {
+        None => None,
+        Some(version) => {
+            let files = store.fetch(version, &[MODEL_FILE], work.path()).await?;
+            let champion = Model::load(&files.dir, device).with_context(|| format!("loading champion {version}"))?;
+            let scores = champion
+                .score_payments(&split.holdout)
+                .with_context(|| format!("re-scoring the holdout with champion {version}"))?;
+            Some((version.clone(), Evaluation::new(&scores, &hold_y, champion.manifest().threshold)))
+        }
+    };
+
+    let version =
+        now_secs().max(latest.as_deref().and_then(|v| v.parse::<u64>().ok()).map_or(0, |v| v + 1)).to_string();
+    let metrics = json!({
+        "holdout": { "model": holdout, "baseline": baseline_eval, "champion": champion.as_ref().map(|(v, e)| json!({"version": v, "evaluation": e})) },
+        "history": history,
+    });
+    let manifest = ModelManifest {
+        name: options.model_name.clone(),
+        version: version.clone(),
+        created_at: crate::payment::now_ms(),
+        input: INPUT_NAME.into(),
+        output: OUTPUT_NAME.into(),
+        feature_spec: spec,
+        threshold,
+        metrics: metrics.clone(),
+        training_data: summary.clone(),
+        trainer_version: env!("CARGO_PKG_VERSION").into(),
+        device: device_name(device),
+        training_seconds,
+    };
+
+    // What we publish must be what we measured: load the exported file the
+    // way the scorer will and compare its scores with the trainer's.
+    let exported =
+        Model::from_module_file(&model_path, manifest.clone(), device).context("reloading the exported model")?;
+    let reloaded = exported.score_payments(&split.holdout)?;
+    let drift = reloaded.iter().zip(&model_scores).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    if drift > 1e-4 {
+        bail!("the exported TorchScript model scores differ from the trained model by {drift}; not publishing");
+    }
+
+    let (publish, verdict) = match &champion {
+        None => (true, "no champion yet: publishing".to_string()),
+        Some((v, e)) if holdout.average_precision >= e.average_precision => (
+            true,
+            format!(
+                "challenger wins: holdout AP {:.4} >= champion {v}'s {:.4}",
+                holdout.average_precision, e.average_precision
+            ),
+        ),
+        Some((v, e)) if options.force => (
+            true,
+            format!(
+                "champion {v} is better (AP {:.4} > {:.4}) but --force given: publishing",
+                e.average_precision, holdout.average_precision
+            ),
+        ),
+        Some((v, e)) => (
+            false,
+            format!(
+                "champion {v} stays: holdout AP {:.4} > challenger's {:.4}",
+                e.average_precision, holdout.average_precision
+            ),
+        ),
+    };
+
+    if publish {
+        let mut files: Vec<(&str, Vec<u8>)> = vec![(MODEL_FILE, std::fs::read(&model_path)?)];
+        files.push(("metrics.json", serde_json::to_vec_pretty(&metrics)?));
+        files.extend(report::render(&report::ReportInput {
+            title: format!("{} version {version}", options.model_name),
+            summary_lines: vec![
+                format!(
+                    "data: {} ({} rows, {} frauds, sha256 {})",
+                    summary.source,
+                    summary.rows,
+                    summary.frauds,
+                    &summary.sha256[..16]
+                ),
+                format!(
+                    "split by time: {} train / {} validation / {} holdout rows",
+                    split.train.len(),
+                    split.validation.len(),
+                    split.holdout.len()
+                ),
+                format!("device {}, {:.1} s of training", device_name(device), training_seconds),
+                format!("verdict: {verdict}"),
+            ],
+            model: &holdout,
+            baseline: &baseline_eval,
+            champion: champion.as_ref().map(|(_, e)| e),
+            model_scores: &model_scores,
+            baseline_scores: &baseline_scores,
+            labels: &hold_y,
+            history: &history,
+        })?);
+        debug_assert!(files.iter().all(|(name, _)| *name != MANIFEST_FILE));
+        store.publish(&manifest, &files).await?;
+    }
+    Ok(RunOutcome {
+        version,
+        published: publish,
+        verdict,
+        holdout,
+        baseline: baseline_eval,
+        champion,
+        training_seconds,
+    })
+}

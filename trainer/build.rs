@@ -1,0 +1,2 @@
+//! Same link set-up as the `fraudstream` binary: rpath to libtorch, optional CUDA.
+include!("../build.rs");

@@ -1,0 +1,130 @@
+//! The `fraudstream-trainer` command line: a thin layer over the trainer library.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use fraudstream::model::Device;
+use fraudstream::telemetry::{init_logging, LogFormat};
+use fraudstream::training::data::DataSource;
+use fraudstream::training::train::TrainConfig;
+use fraudstream::training::{run_once, RunOutcome, TrainerOptions};
+
+/// Train a fraud model on labelled payments, evaluate it on a time-based
+/// holdout against a logistic baseline and the current champion, and publish
+/// it to the model store as a new immutable version if it is at least as good.
+#[derive(Debug, Parser)]
+#[command(name = "fraudstream-trainer", version)]
+struct Cli {
+    /// Labelled BankSim CSV: a local path or s3://bucket/key.
+    #[arg(long, env = "FRAUDSTREAM_TRAIN_DATA", conflicts_with = "simulate", required_unless_present = "simulate")]
+    data: Option<String>,
+    /// Train on N simulated payments instead of a file.
+    #[arg(long, value_name = "N")]
+    simulate: Option<u64>,
+    /// Simulator seed; also seeds weight initialisation and shuffling.
+    #[arg(long, env = "FRAUDSTREAM_SEED", default_value_t = 42)]
+    seed: u64,
+    /// Where versions are published: s3://bucket/prefix or a local directory.
+    #[arg(long, env = "FRAUDSTREAM_MODEL_STORE", default_value = "models")]
+    model_store: String,
+    /// Model name written into the manifest (the REST API serves it under this name).
+    #[arg(long, env = "FRAUDSTREAM_MODEL_NAME", default_value = "payfraud")]
+    model_name: String,
+    /// Device to train on.
+    #[arg(long, env = "FRAUDSTREAM_DEVICE", value_enum, default_value = "auto")]
+    device: Device,
+    /// Intra-op threads for libtorch (1 is fastest on small shared machines).
+    #[arg(long, env = "FRAUDSTREAM_THREADS", default_value_t = 1)]
+    threads: i32,
+    /// Choose the decision threshold as the lowest reaching this precision on validation (default: best F1).
+    #[arg(long, value_name = "P")]
+    target_precision: Option<f64>,
+    /// Publish even if the current champion scores a better holdout AP.
+    #[arg(long)]
+    force: bool,
+    /// Keep running and retrain at this interval (e.g. `6h`); default: one run, then exit.
+    #[arg(long, env = "FRAUDSTREAM_TRAIN_EVERY", value_parser = humantime::parse_duration)]
+    every: Option<Duration>,
+    /// Most training epochs (early stopping usually ends sooner).
+    #[arg(long, default_value_t = TrainConfig::default().max_epochs)]
+    max_epochs: usize,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    batch_size: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
+    learning_rate: f64,
+    /// Log line format.
+    #[arg(long, env = "FRAUDSTREAM_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn print_outcome(outcome: &RunOutcome) {
+    let e = &outcome.holdout;
+    let b = &outcome.baseline;
+    println!("version {}: {}", outcome.version, if outcome.published { "PUBLISHED" } else { "not published" });
+    println!("  {}", outcome.verdict);
+    println!(
+        "  holdout ({} rows, {} frauds): ROC-AUC {:.4}  AP {:.4}  recall@1%FPR {:.4}  threshold {:.4}  P {:.4} R {:.4} F1 {:.4}",
+        e.rows, e.frauds, e.roc_auc, e.average_precision, e.recall_at_1pct_fpr, e.threshold, e.precision, e.recall, e.f1
+    );
+    println!(
+        "  logistic baseline: ROC-AUC {:.4}  AP {:.4}  (lift in AP {:+.4})",
+        b.roc_auc,
+        b.average_precision,
+        e.average_precision - b.average_precision
+    );
+    if let Some((v, c)) = &outcome.champion {
+        println!("  champion {v} on the same holdout: ROC-AUC {:.4}  AP {:.4}", c.roc_auc, c.average_precision);
+    }
+    println!("  trained in {:.1} s", outcome.training_seconds);
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    if cli.threads < 1 {
+        bail!("--threads must be at least 1");
+    }
+    tch::set_num_threads(cli.threads);
+    let data = match (cli.data, cli.simulate) {
+        (Some(path), _) => DataSource::Csv(path),
+        (None, Some(rows)) => DataSource::Simulator { rows, seed: cli.seed },
+        (None, None) => bail!("pass --data FILE|s3://bucket/key or --simulate N"),
+    };
+    let options = TrainerOptions {
+        data,
+        model_store: cli.model_store,
+        model_name: cli.model_name,
+        device: cli.device,
+        target_precision: cli.target_precision,
+        force: cli.force,
+        train: TrainConfig {
+            max_epochs: cli.max_epochs,
+            batch_size: cli.batch_size,
+            learning_rate: cli.learning_rate,
+            seed: cli.seed,
+            ..TrainConfig::default()
+        },
+    };
+    let Some(every) = cli.every else {
+        print_outcome(&run_once(&options).await?);
+        return Ok(());
+    };
+    loop {
+        match run_once(&options).await {
+            Ok(outcome) => print_outcome(&outcome),
+            // On a schedule, one failed run must not end the service.
+            Err(e) => tracing::error!(error = format!("{e:#}"), "training run failed; retrying at the next interval"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted; exiting");
+                return Ok(());
+            }
+        }
+    }
+}
