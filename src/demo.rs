@@ -184,7 +184,8 @@ pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
         http_addr: config.http_addr,
         model_name: "payfraud".into(),
         body_limit: 4 << 20,
-        topic_partitions: config.partitions,
+        // The mock cluster has no CreateTopics; its topics were made above.
+        create_topics: config.kafka.as_ref().map(|_| config.partitions),
     };
     let scorer = tokio::spawn(crate::scorer::run(scorer_config, parts.clone(), shutdown.clone()));
     let wait_start = Instant::now();

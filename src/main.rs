@@ -100,8 +100,8 @@ struct ScoreArgs {
     /// Longest a partition revoke or shutdown waits for in-flight events.
     #[arg(long, env = "FRAUDSTREAM_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
-    /// Partitions for the output and dead-letter topics if they must be created.
-    #[arg(long, default_value_t = 4)]
+    /// Partitions for the output and dead-letter topics if they must be created (0: never create topics).
+    #[arg(long, env = "FRAUDSTREAM_TOPIC_PARTITIONS", default_value_t = 4)]
     topic_partitions: i32,
 }
 
@@ -452,7 +452,7 @@ async fn score(args: ScoreArgs) -> Result<()> {
         http_addr: Some(args.http_addr),
         model_name: args.model_name,
         body_limit: args.max_body_bytes,
-        topic_partitions: args.topic_partitions,
+        create_topics: (args.topic_partitions > 0).then_some(args.topic_partitions),
     };
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());

@@ -24,8 +24,9 @@ pub struct ScorerConfig {
     pub model_name: String,
     /// Largest accepted REST request body, in bytes.
     pub body_limit: usize,
-    /// Partitions for the output and dead-letter topics if they must be created.
-    pub topic_partitions: i32,
+    /// Create the output and dead-letter topics with this many partitions if
+    /// missing; `None` leaves topics to whoever manages them.
+    pub create_topics: Option<i32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,9 +86,11 @@ pub async fn run(config: ScorerConfig, parts: ScorerParts, shutdown: Cancellatio
     if !watcher.load_initial(&shutdown).await {
         return Ok(());
     }
-    let topics = [config.pipeline.output_topic.as_str(), config.pipeline.dead_letter_topic.as_str()];
-    if let Err(e) = ensure_topics(&config.pipeline.kafka, &topics, config.topic_partitions).await {
-        tracing::warn!(error = %e, "could not create the output topics; assuming they are managed elsewhere");
+    if let Some(partitions) = config.create_topics {
+        let topics = [config.pipeline.output_topic.as_str(), config.pipeline.dead_letter_topic.as_str()];
+        if let Err(e) = ensure_topics(&config.pipeline.kafka, &topics, partitions).await {
+            tracing::warn!(error = %e, "could not create the output topics; assuming they are managed elsewhere");
+        }
     }
     let watch = tokio::spawn(watcher.watch(shutdown.clone()));
     let result =

@@ -14,6 +14,7 @@
 
 use std::io::Write;
 
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Gamma};
@@ -83,6 +84,20 @@ const MERCHANTS: [&[&str]; 15] = [
     &["M1726401631", "M2080407379", "M732195782"],
     &["M1198415165", "M1535107174", "M1748431652", "M1946091778", "M209847108", "M78078399", "M97925176"],
 ];
+
+/// `n` indices in proportion to `weights` (largest remainder), in index order.
+fn quota(weights: &[f64], n: usize) -> Vec<usize> {
+    let total: f64 = weights.iter().sum();
+    let exact: Vec<f64> = weights.iter().map(|w| w / total * n as f64).collect();
+    let mut counts: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
+    let mut by_remainder: Vec<usize> = (0..weights.len()).collect();
+    by_remainder.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    let short = n - counts.iter().sum::<usize>();
+    for &i in by_remainder.iter().take(short) {
+        counts[i] += 1;
+    }
+    counts.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat_n(i, c)).collect()
+}
 
 /// A cumulative distribution over indices, sampled by linear scan (tables are tiny).
 #[derive(Debug, Clone)]
@@ -202,15 +217,20 @@ impl Simulator {
             short -= 1;
         }
 
-        // Customers: ages by published row shares; enterprises (age U) are gender E.
+        // Customers: ages by published row shares, assigned by quota (not drawn)
+        // so small populations still match; enterprises (age U) are gender E.
         let n_customers = ((CUSTOMERS_FULL * rows as f64 / BANKSIM_ROWS as f64).round() as usize).max(20);
-        let age_dist = Categorical::new(AGE_STATS.iter().map(|a| a.0));
-        let person_gender = Categorical::new(GENDER_STATS[1..].iter().map(|g| g.0));
-        let customers: Vec<Customer> = (0..n_customers)
-            .map(|_| {
-                let age = age_dist.sample(&mut rng) as u8;
-                let gender = if AGES[age as usize] == "U" { 0 } else { 1 + person_gender.sample(&mut rng) as u8 };
-                Customer { id: format!("C{}", rng.random_range(10_000_000u64..2_200_000_000)), age, gender }
+        let mut ages = quota(&AGE_STATS.map(|a| a.0), n_customers);
+        ages.shuffle(&mut rng);
+        let people = ages.iter().filter(|a| AGES[**a] != "U").count();
+        let mut person_genders = quota(&[GENDER_STATS[1].0, GENDER_STATS[2].0, GENDER_STATS[3].0], people);
+        person_genders.shuffle(&mut rng);
+        let mut person_genders = person_genders.into_iter();
+        let customers: Vec<Customer> = ages
+            .into_iter()
+            .map(|age| {
+                let gender = if AGES[age] == "U" { 0 } else { 1 + person_genders.next().unwrap_or(0) as u8 };
+                Customer { id: format!("C{}", rng.random_range(10_000_000u64..2_200_000_000)), age: age as u8, gender }
             })
             .collect();
 

@@ -28,7 +28,12 @@ impl OffsetTracker {
     /// Records that `offset` was read and is now in flight.
     pub fn begin(&self, topic: &str, partition: i32, offset: i64) {
         let mut map = self.partitions.lock().expect("offset tracker lock");
-        let state = map.entry((topic.to_string(), partition)).or_default();
+        // The first offset seen starts the partition: nothing below it is ours to report.
+        let state = map.entry((topic.to_string(), partition)).or_insert_with(|| PartitionState {
+            in_flight: BTreeSet::new(),
+            next: offset,
+            reported: offset,
+        });
         state.in_flight.insert(offset);
         state.next = state.next.max(offset + 1);
     }
