@@ -30,7 +30,7 @@ async fn read(consumer: &StreamConsumer, n: usize) -> Vec<u32> {
     while seen.len() < n {
         let message = tokio::time::timeout(Duration::from_secs(30), stream.next())
             .await
-            .expect("no message within 30 s")
+            .unwrap_or_else(|_| panic!("no message within 30 s after {} of {n}", seen.len()))
             .expect("stream ended")
             .expect("kafka error");
         let text = std::str::from_utf8(message.payload().unwrap()).unwrap();
@@ -45,7 +45,11 @@ async fn consumer_group_round_trip_and_resume_after_restart() {
     let topic = common::unique("smoke");
     fraudstream::kafka::ensure_topics(&kafka, &[&topic], 3).await.unwrap();
 
-    let producer: FutureProducer = kafka.client_config(&[("enable.idempotence", "true")]).create().unwrap();
+    // One record per batch: tansu 0.6.0 returns nothing when a fetch starts in
+    // the middle of a record batch, so resuming from a committed offset would
+    // stall (a test-broker limitation; Apache Kafka handles it).
+    let producer: FutureProducer =
+        kafka.client_config(&[("enable.idempotence", "true"), ("batch.num.messages", "1")]).create().unwrap();
     let deliveries: Vec<_> = (0..1000u32)
         .map(|i| {
             let payload = i.to_string();
