@@ -343,7 +343,7 @@ fn read_payments(input: impl BufRead + 'static) -> Result<Box<dyn Iterator<Item 
 }
 
 fn encode(args: EncodeArgs) -> Result<()> {
-    if !(args.amount_max > args.amount_min) {
+    if args.amount_max.partial_cmp(&args.amount_min) != Some(std::cmp::Ordering::Greater) {
         bail!("--amount-max ({}) must be larger than --amount-min ({})", args.amount_max, args.amount_min);
     }
     let encoder = FeatureEncoder::new(FeatureSpec::banksim(args.amount_min, args.amount_max));

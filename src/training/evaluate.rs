@@ -176,15 +176,18 @@ pub fn choose_threshold(scores: &[f32], labels: &[bool], target_precision: Optio
         }
     };
     let chosen = match target_precision {
-        Some(target) => points.iter().filter(|p| p.tp as f64 / (p.tp + p.fp) as f64 >= target).last(),
+        Some(target) => points.iter().rfind(|p| p.tp as f64 / (p.tp + p.fp) as f64 >= target),
         None => points.iter().max_by(|a, b| f1(a).total_cmp(&f1(b))),
     };
     chosen.map_or(0.5, |p| p.threshold)
 }
 
+/// Points of a curve, (x, y).
+pub type Curve = Vec<(f64, f64)>;
+
 /// Curves for the report, thinned to at most `max_points` points each:
 /// (recall, precision) and (false-positive rate, true-positive rate).
-pub fn curves(scores: &[f32], labels: &[bool], max_points: usize) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+pub fn curves(scores: &[f32], labels: &[bool], max_points: usize) -> (Curve, Curve) {
     let points = sweep(scores, labels);
     let positives = labels.iter().filter(|y| **y).count().max(1) as f64;
     let negatives = (labels.len() as f64 - positives).max(1.0);

@@ -14,7 +14,10 @@ fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("drawing the report: {e}")
 }
 
-fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(&str, &[(f64, f64)], RGBColor)]) -> Result<String> {
+/// A named line of a chart.
+type Series<'a> = (&'a str, &'a [(f64, f64)], RGBColor);
+
+fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) -> Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (560, 420)).into_drawing_area();
