@@ -61,7 +61,7 @@ pub struct Codec {
 }
 
 impl Codec {
-    pub fn new(format: WireFormat, schema_id: u32) -> Self {
+    pub const fn new(format: WireFormat, schema_id: u32) -> Self {
         Self { format, schema_id }
     }
 

@@ -68,11 +68,13 @@ pub async fn ensure_topics(kafka: &KafkaArgs, topics: &[&str], partitions: i32) 
         .map_err(|source| TopicError::Client { brokers: kafka.brokers.clone(), source })?;
     let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin.create_topics(&new, &options).await.map_err(|e| TopicError::Create {
-        topic: topics.join(","),
-        brokers: kafka.brokers.clone(),
-        reason: e.to_string(),
-    })?;
+    let create_err =
+        |reason: String| TopicError::Create { topic: topics.join(","), brokers: kafka.brokers.clone(), reason };
+    // librdkafka waits for a broker indefinitely; an unreachable one should fail fast.
+    let results = tokio::time::timeout(Duration::from_secs(15), admin.create_topics(&new, &options))
+        .await
+        .map_err(|_| create_err("no answer from the broker within 15 s".into()))?
+        .map_err(|e| create_err(e.to_string()))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

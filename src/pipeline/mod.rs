@@ -23,7 +23,7 @@ mod offsets;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -120,7 +120,9 @@ struct Shared {
     tracker: OffsetTracker,
     state: Arc<PipelineState>,
     in_flight: Arc<Semaphore>,
-    consumer: OnceLock<Arc<ScorerConsumer>>,
+    /// Weak: the consumer owns this struct through its hooks; a strong
+    /// reference would keep it alive (and in the group) forever.
+    consumer: OnceLock<Weak<ScorerConsumer>>,
     counters: Arc<PipelineCounters>,
     drain_timeout: Duration,
 }
@@ -130,7 +132,7 @@ impl Shared {
     fn finish(&self, partition: i32, offset: i64) {
         self.in_flight.add_permits(1);
         if let Some(position) = self.tracker.finish(&self.input_topic, partition, offset) {
-            if let Some(consumer) = self.consumer.get() {
+            if let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) {
                 // store_offset(o) commits o + 1; fails harmlessly if the partition was revoked.
                 if let Err(e) = consumer.store_offset(&self.input_topic, partition, position - 1) {
                     tracing::debug!(partition, position, error = %e, "offset not stored");
@@ -409,7 +411,7 @@ pub async fn run(
             .create_with_context(ConsumerHooks(shared.clone()))
             .map_err(kafka_err)?,
     );
-    let _ = shared.consumer.set(consumer.clone());
+    let _ = shared.consumer.set(Arc::downgrade(&consumer));
     consumer.subscribe(&[&config.input_topic]).map_err(kafka_err)?;
     state.running.store(true, Ordering::Relaxed);
     tracing::info!(topic = %config.input_topic, group = %config.group_id, "consuming");
@@ -521,6 +523,10 @@ pub async fn run(
         tracing::debug!(error = %e, "final commit: nothing to commit or commit failed");
     }
     consumer.unsubscribe();
+    // Producer first (its callbacks store offsets), then the consumer, which
+    // leaves the group as it closes.
+    drop(emitter);
+    drop(consumer);
     state.running.store(false, Ordering::Relaxed);
     state.assigned.lock().expect("assignment lock").clear();
     tracing::info!("pipeline stopped");

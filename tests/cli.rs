@@ -1,0 +1,157 @@
+//! The `fraudstream` tools as a user runs them: simulate, encode, and
+//! produce + consume against the real broker.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use fraudstream::payment::BankSimReader;
+use fraudstream::{Payment, Simulator};
+
+fn fraudstream() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fraudstream"))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run fraudstream");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn simulate_writes_the_original_format_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.csv");
+    let b = dir.path().join("b.csv");
+    run_ok(fraudstream().args(["simulate", "--rows", "2000", "--seed", "3", "--output"]).arg(&a));
+    run_ok(fraudstream().args(["simulate", "--rows", "2000", "--seed", "3", "--output"]).arg(&b));
+    let text = std::fs::read_to_string(&a).unwrap();
+    assert_eq!(text, std::fs::read_to_string(&b).unwrap(), "same seed, different output");
+    let second_line = text.lines().nth(1).unwrap();
+    assert!(second_line.starts_with("0,'C") && second_line.contains(",'28007',"), "{second_line}");
+    let rows: Vec<Payment> = BankSimReader::new(text.as_bytes()).unwrap().map(|r| r.unwrap()).collect();
+    assert_eq!(rows.len(), 2000);
+}
+
+#[test]
+fn encode_prints_the_original_demo_example() {
+    let mut child = fraudstream()
+        .args(["encode", "--amount-min", "0", "--amount-max", "8329.96"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let payment = r#"{"paymentId":"p","eventTime":0,"step":0,"customer":"C1","age":"3","gender":"M","zipcodeOri":"28007","merchant":"M1","zipMerchant":"28007","category":"es_health","amount":44.26,"fraud":null}"#;
+    writeln!(child.stdin.take().unwrap(), "{payment}\n{payment}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let rows: Vec<Vec<f32>> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    assert!((rows[0][0] - 0.005313).abs() < 1e-6);
+    let ones: Vec<usize> = (1..28).filter(|i| rows[0][*i] == 1.0).collect();
+    assert_eq!(ones, vec![5, 19, 26]);
+
+    // CSV in, and an unknown category is a clear error.
+    let mut child = fraudstream().arg("encode").stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    writeln!(
+        child.stdin.take().unwrap(),
+        "{}\n0,'C1','3','M','28007','M1','28007','es_casino',1.0,0",
+        fraudstream::payment::BANKSIM_HEADER
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("es_casino"));
+}
+
+/// Produces with the CLI, reads back with the CLI, in each wire format.
+#[test]
+fn produce_then_consume_round_trips_through_the_broker() {
+    let kafka = common::kafka();
+    for format in ["confluent", "json"] {
+        let topic = common::unique("cli-payments");
+        let summary = run_ok(fraudstream().args([
+            "produce",
+            "--brokers",
+            &kafka.brokers,
+            "--topic",
+            &topic,
+            "--simulate",
+            "3000",
+            "--seed",
+            "9",
+            "--format",
+            format,
+            "--keep-event-time",
+            "-X",
+            "batch.num.messages=1000",
+        ]));
+        assert!(summary.contains("sent 3000 payments, 0 failed"), "{summary}");
+        let out = run_ok(fraudstream().args([
+            "consume",
+            "--brokers",
+            &kafka.brokers,
+            "--topic",
+            &topic,
+            "--kind",
+            "payment",
+            "--format",
+            format,
+            "--idle-timeout",
+            "5s",
+        ]));
+        let mut read: Vec<Payment> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let mut expected: Vec<Payment> = Simulator::new(3000, 9).collect();
+        read.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
+        expected.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
+        assert_eq!(read.len(), 3000, "{format}");
+        assert_eq!(read, expected, "{format}: payments changed on the way");
+    }
+}
+
+#[test]
+fn produce_publishes_the_real_banksim_file() {
+    let kafka = common::kafka();
+    let topic = common::unique("cli-banksim");
+    let csv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/banksim/bs140513_100_customers.csv");
+    let summary = run_ok(
+        fraudstream()
+            .args(["produce", "--brokers", &kafka.brokers, "--topic", &topic, "--rate", "50000", "--csv"])
+            .arg(&csv),
+    );
+    assert!(summary.contains("sent 15534 payments, 0 failed"), "{summary}");
+    let out = run_ok(fraudstream().args([
+        "consume",
+        "--brokers",
+        &kafka.brokers,
+        "--topic",
+        &topic,
+        "--kind",
+        "payment",
+        "--max",
+        "20000",
+        "--idle-timeout",
+        "5s",
+    ]));
+    let read: Vec<Payment> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(read.len(), 15_534);
+    assert_eq!(read.iter().filter(|p| p.fraud == Some(true)).count(), 92);
+}
+
+#[test]
+fn produce_reports_a_bad_broker_address_clearly() {
+    let out = fraudstream()
+        .args(["produce", "--brokers", "127.0.0.1:1", "--topic", "x", "--simulate", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+}
