@@ -1,0 +1,220 @@
+//! The TensorFlow-Serving-compatible REST API over real HTTP, with a real
+//! model trained and published by the test.
+
+mod common;
+
+use std::time::Duration;
+
+use fraudstream::api::{router, ApiState};
+use fraudstream::model::{Model, ModelStore, MODEL_FILE};
+use fraudstream::scoring::ScoringService;
+use fraudstream::Payment;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+struct Server {
+    base: String,
+    scoring: ScoringService,
+    version: String,
+    model_dir: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Trains a small model into a local store and serves it on an ephemeral port.
+async fn serve(body_limit: usize) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("models").display().to_string();
+    let outcome = common::train_and_publish(&store, 20_000, 4, false).await;
+    let files = ModelStore::open(&store)
+        .await
+        .unwrap()
+        .fetch(&outcome.version, &[MODEL_FILE], &dir.path().join("cache"))
+        .await
+        .unwrap();
+    let scoring = ScoringService::start(1024, 64);
+    scoring.swap(Model::load(&files.dir, tch::Device::Cpu).unwrap()).await.unwrap();
+    let base = start_http(scoring.clone(), body_limit).await;
+    Server { base, scoring, version: outcome.version, model_dir: files.dir, _dir: dir }
+}
+
+async fn start_http(scoring: ScoringService, body_limit: usize) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(
+        ApiState {
+            scoring,
+            model_name: "payfraud".into(),
+            pipeline: None,
+            prometheus: fraudstream::telemetry::prometheus(),
+        },
+        body_limit,
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// The original demo's example: a fraud payment in es_health, age 3, male.
+fn demo_row() -> Vec<f64> {
+    let mut row = vec![0.0; 28];
+    row[0] = 0.005313;
+    row[5] = 1.0;
+    row[19] = 1.0;
+    row[26] = 1.0;
+    row
+}
+
+fn demo_payment() -> Payment {
+    Payment {
+        payment_id: "demo-1".into(),
+        event_time: 0,
+        step: 0,
+        customer: "C1".into(),
+        age: "3".into(),
+        gender: "M".into(),
+        zipcode_ori: "28007".into(),
+        merchant: "M1053599405".into(),
+        zip_merchant: "28007".into(),
+        category: "es_health".into(),
+        amount: 44.26,
+        fraud: None,
+    }
+}
+
+async fn call(method: reqwest::Method, url: &str, body: Option<String>) -> (StatusCode, Value) {
+    let client = reqwest::Client::new();
+    let mut request = client.request(method, url).timeout(Duration::from_secs(30));
+    if let Some(body) = body {
+        request = request.header("content-type", "application/json").body(body);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+async fn get(url: &str) -> (StatusCode, Value) {
+    call(reqwest::Method::GET, url, None).await
+}
+
+async fn post(url: &str, body: Value) -> (StatusCode, Value) {
+    call(reqwest::Method::POST, url, Some(body.to_string())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tf_serving_endpoints_answer_like_tf_serving() {
+    let s = serve(1 << 20).await;
+    let v = &s.version;
+    let available = json!({"model_version_status":[{"version":v,"state":"AVAILABLE","status":{"error_code":"OK","error_message":""}}]});
+    assert_eq!(get(&format!("{}/v1/models/payfraud", s.base)).await, (StatusCode::OK, available.clone()));
+    assert_eq!(get(&format!("{}/v1/models/payfraud/versions/{v}", s.base)).await, (StatusCode::OK, available));
+
+    let metadata = get(&format!("{}/v1/models/payfraud/metadata", s.base)).await;
+    assert_eq!(metadata.0, StatusCode::OK);
+    let expected: Value = serde_json::from_str(&format!(
+        r#"{{"model_spec":{{"name":"payfraud","signature_name":"","version":"{v}"}},"metadata":{{"signature_def":{{"signature_def":{{"serving_default":{{"inputs":{{"payments":{{"dtype":"DT_FLOAT","tensor_shape":{{"dim":[{{"size":"-1","name":""}},{{"size":"28","name":""}}],"unknown_rank":false}},"name":"X_train:0"}}}},"outputs":{{"classification":{{"dtype":"DT_FLOAT","tensor_shape":{{"dim":[{{"size":"-1","name":""}},{{"size":"2","name":""}}],"unknown_rank":false}},"name":"Softmax:0"}}}},"method_name":"tensorflow/serving/predict"}}}}}}}}}}"#
+    ))
+    .unwrap();
+    assert_eq!(metadata.1, expected);
+    assert_eq!(get(&format!("{}/v1/models/payfraud/versions/{v}/metadata", s.base)).await.1, expected);
+
+    // The original demo's request, columnar and row formats.
+    let (status, body) = post(&format!("{}/v1/models/payfraud:predict", s.base), json!({"inputs": [demo_row()]})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let row: Vec<f64> = serde_json::from_value(body["outputs"][0].clone()).unwrap();
+    assert_eq!(row.len(), 2);
+    assert!((row[0] + row[1] - 1.0).abs() < 1e-5, "{row:?}");
+    let (status, body) = post(
+        &format!("{}/v1/models/payfraud/versions/{v}:predict", s.base),
+        json!({"signature_name": "serving_default", "instances": [demo_row(), demo_row()]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["predictions"].as_array().unwrap().len(), 2);
+    assert_eq!(body["predictions"][0], json!(row));
+
+    // Equal to the stream's score for the same payment: encode it with the
+    // model's own encoder, ask :predict, and compare with the scoring path.
+    let batch = s.scoring.score_payments(vec![demo_payment()]).await.unwrap();
+    let stream_score = batch.results[0].clone().unwrap();
+    let features = common_features(&s, &demo_payment()).await;
+    let (_, body) = post(&format!("{}/v1/models/payfraud:predict", s.base), json!({"instances": [features]})).await;
+    let api: Vec<f32> = serde_json::from_value(body["predictions"][0].clone()).unwrap();
+    assert_eq!(api, stream_score.to_vec());
+
+    // :score takes raw payments and returns ScoredPayments.
+    let payment = serde_json::to_value(demo_payment()).unwrap();
+    let (status, body) = post(&format!("{}/v1/models/payfraud:score", s.base), json!({"instances": [payment]})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let scored = &body["predictions"][0];
+    assert_eq!(scored["modelVersion"], json!(v));
+    assert!((scored["fraudProbability"].as_f64().unwrap() - f64::from(stream_score[1])).abs() < 1e-6);
+    assert_eq!(scored["payment"]["paymentId"], json!("demo-1"));
+
+    let metrics = reqwest::get(format!("{}/metrics", s.base)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("fraudstream_http_requests_total"), "{metrics}");
+    assert!(metrics.contains("fraudstream_http_rows_scored_total"));
+    assert_eq!(reqwest::get(format!("{}/healthz", s.base)).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(reqwest::get(format!("{}/readyz", s.base)).await.unwrap().status(), StatusCode::OK);
+}
+
+/// The features of a payment as the serving model encodes them (its own
+/// feature spec, read from the fetched version).
+async fn common_features(s: &Server, payment: &Payment) -> Vec<f32> {
+    let model = Model::load(&s.model_dir, tch::Device::Cpu).unwrap();
+    model.encoder().encode(payment).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_tf_serving_errors() {
+    let s = serve(64 * 1024).await;
+    let predict = format!("{}/v1/models/payfraud:predict", s.base);
+    let cases = [
+        (json!({"inputs": [[1.0, 2.0]]}), StatusCode::BAD_REQUEST, "28"),
+        (json!({"instances": [demo_row()], "inputs": [demo_row()]}), StatusCode::BAD_REQUEST, "both"),
+        (json!({}), StatusCode::BAD_REQUEST, "Missing"),
+        (json!({"instances": [vec!["a"; 28]]}), StatusCode::BAD_REQUEST, "not a finite number"),
+        (json!({"signature_name": "other", "instances": [demo_row()]}), StatusCode::BAD_REQUEST, "other"),
+        (json!({"instances": "nope"}), StatusCode::BAD_REQUEST, "list"),
+    ];
+    for (body, status, needle) in cases {
+        let (got, reply) = post(&predict, body.clone()).await;
+        assert_eq!(got, status, "{body} -> {reply}");
+        let error = reply["error"].as_str().unwrap_or_else(|| panic!("no JSON error for {body}: {reply}"));
+        assert!(error.contains(needle), "{body}: {error}");
+    }
+    let (status, reply) = call(reqwest::Method::POST, &predict, Some("{not json".into())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(reply["error"].as_str().unwrap().contains("JSON"));
+
+    let (status, reply) = get(&format!("{}/v1/models/other", s.base)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(reply["error"].as_str().unwrap().contains("other"));
+    let (status, _) = get(&format!("{}/v1/models/payfraud/versions/1", s.base)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) =
+        post(&format!("{}/v1/models/payfraud/versions/1:predict", s.base), json!({"inputs": [demo_row()]})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let big: Vec<Vec<f64>> = vec![demo_row(); 2000];
+    let (status, reply) = post(&predict, json!({"instances": big})).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(reply["error"].is_string(), "{reply}");
+
+    let bad_payment = json!({"instances": [{"customer":"C1","age":"3","gender":"M","merchant":"M1","category":"es_casino","amount":1.0}]});
+    let (status, reply) = post(&format!("{}/v1/models/payfraud:score", s.base), bad_payment).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(reply["error"].as_str().unwrap().contains("es_casino"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_model_yet_is_503() {
+    let base = start_http(ScoringService::start(64, 4), 1 << 20).await;
+    let (status, body) = post(&format!("{base}/v1/models/payfraud:predict"), json!({"inputs": [demo_row()]})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["error"].is_string());
+    let (status, body) = get(&format!("{base}/v1/models/payfraud")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["model_version_status"][0]["state"], json!("LOADING"));
+    assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+}
