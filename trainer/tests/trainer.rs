@@ -1,0 +1,154 @@
+//! `fraudstream-trainer` as a scheduled job runs it: trains, publishes to the
+//! real S3 store (Garage), refuses a worse challenger, and fails clearly on
+//! bad input without publishing anything.
+
+use std::process::Command;
+
+use fraudstream::model::{Model, ModelStore, MODEL_FILE};
+use fraudstream::training::data::{load, DataSource, TimeSplit};
+use fraudstream::training::evaluate::Evaluation;
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run `make test` (it starts the S3 store)"))
+}
+
+fn store_url() -> String {
+    format!("s3://{}/trainer-{}", env("FRAUDSTREAM_TEST_BUCKET"), std::process::id() as u128 * 1_000_000 + fastrand())
+}
+
+fn fastrand() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u128
+}
+
+fn trainer(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fraudstream-trainer"));
+    cmd.args(args);
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().expect("run fraudstream-trainer");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+async fn versions(store: &str) -> Vec<String> {
+    ModelStore::open(store).await.unwrap().list_versions().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_then_the_gate_refuses_a_worse_model() {
+    let store = store_url();
+    let (ok, out) =
+        trainer(&["--simulate", "20000", "--seed", "5", "--max-epochs", "8", "--model-store", &store]).output_text();
+    assert!(ok, "{out}");
+    assert!(out.contains("PUBLISHED") && out.contains("no champion yet"), "{out}");
+    let published = versions(&store).await;
+    assert_eq!(published.len(), 1);
+    let version = &published[0];
+
+    // Every artefact is there; the manifest describes the run.
+    let s3 = fraudstream::model::s3_client().await;
+    let (bucket, prefix) = store.trim_start_matches("s3://").split_once('/').unwrap();
+    let listing =
+        s3.list_objects_v2().bucket(bucket).prefix(format!("{prefix}/versions/{version}/")).send().await.unwrap();
+    let mut files: Vec<String> =
+        listing.contents().iter().map(|o| o.key().unwrap().rsplit('/').next().unwrap().to_string()).collect();
+    files.sort();
+    assert_eq!(files, ["metrics.json", "model.json", "model.pt", "pr.svg", "report.md", "roc.svg", "scores.svg"]);
+
+    // The published model, loaded back through tch, reproduces the trainer's
+    // holdout evaluation on the same (deterministic) data.
+    let dir = tempfile::tempdir().unwrap();
+    let fetched = ModelStore::open(&store).await.unwrap().fetch(version, &[MODEL_FILE], dir.path()).await.unwrap();
+    let manifest = &fetched.manifest;
+    assert_eq!(
+        (manifest.training_data.rows, manifest.input.as_str(), manifest.output.as_str()),
+        (20_000, "payments", "classification")
+    );
+    let model = Model::load(&fetched.dir, tch::Device::Cpu).unwrap();
+    let payments = load(&DataSource::Simulator { rows: 20_000, seed: 5 }).await.unwrap();
+    let split = TimeSplit::new(payments, 0.7, 0.15).unwrap();
+    let scores = model.score_payments(&split.holdout).unwrap();
+    let labels = fraudstream::training::data::labels(&split.holdout);
+    let evaluation = Evaluation::new(&scores, &labels, manifest.threshold);
+    let recorded = manifest.metrics["holdout"]["model"]["average_precision"].as_f64().unwrap();
+    assert!((evaluation.average_precision - recorded).abs() < 1e-6, "{} vs {recorded}", evaluation.average_precision);
+    assert!(evaluation.roc_auc > 0.95, "a trained model ranks fraud well: {}", evaluation.roc_auc);
+
+    // A barely trained challenger loses to the champion and is not published; exit 0.
+    let weak = [
+        "--simulate",
+        "20000",
+        "--seed",
+        "6",
+        "--max-epochs",
+        "1",
+        "--learning-rate",
+        "0.00001",
+        "--model-store",
+        &store,
+    ];
+    let (ok, out) = trainer(&weak).output_text();
+    assert!(ok, "{out}");
+    assert!(out.contains("not published") && out.contains("champion"), "{out}");
+    assert_eq!(versions(&store).await.len(), 1);
+
+    // --force publishes it anyway, as a new, newer version.
+    let mut forced = weak.to_vec();
+    forced.push("--force");
+    let (ok, out) = trainer(&forced).output_text();
+    assert!(ok && out.contains("PUBLISHED"), "{out}");
+    let after = versions(&store).await;
+    assert_eq!(after.len(), 2);
+    assert!(after[1].parse::<u64>().unwrap() > version.parse::<u64>().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_fails_clearly_and_publishes_nothing() {
+    let store = store_url();
+    let dir = tempfile::tempdir().unwrap();
+
+    // A malformed CSV row: the error names the line and the field.
+    let csv = dir.path().join("bad.csv");
+    let mut text = format!("{}\n", fraudstream::payment::BANKSIM_HEADER);
+    for i in 0..50 {
+        text.push_str(&format!("{i},'C1','2','F','28007','M1','28007','es_health',12.5,0\n"));
+    }
+    text.push_str("51,'C1','2','F','28007','M1','28007','es_health',twelve,0\n");
+    std::fs::write(&csv, text).unwrap();
+    let (ok, out) = trainer(&["--data", csv.to_str().unwrap(), "--model-store", &store]).output_text();
+    assert!(!ok);
+    assert!(out.contains("line 52") && out.contains("amount") && out.contains("twelve"), "{out}");
+
+    // Unreachable S3.
+    let (ok, out) = trainer(&["--simulate", "20000", "--model-store", &store])
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+        .env("AWS_MAX_ATTEMPTS", "1")
+        .output_text();
+    assert!(!ok);
+    assert!(out.contains("S3") && out.contains("AWS_ENDPOINT_URL"), "{out}");
+
+    // Wrong credentials.
+    let (ok, out) = trainer(&["--simulate", "20000", "--model-store", &store])
+        .env("AWS_SECRET_ACCESS_KEY", "0000000000000000000000000000000000000000000000000000000000000000")
+        .output_text();
+    assert!(!ok);
+    assert!(out.contains("S3") && out.contains("credentials"), "{out}");
+
+    // Missing data file.
+    let (ok, out) = trainer(&["--data", "/nonexistent/data.csv", "--model-store", &store]).output_text();
+    assert!(!ok && out.contains("/nonexistent/data.csv"), "{out}");
+
+    assert!(versions(&store).await.is_empty(), "nothing may be published by failed runs");
+}
+
+trait OutputText {
+    fn output_text(&mut self) -> (bool, String);
+}
+
+impl OutputText for Command {
+    fn output_text(&mut self) -> (bool, String) {
+        run(self)
+    }
+}
