@@ -70,12 +70,17 @@ pub fn input_producer() -> rdkafka::producer::FutureProducer {
 /// Publishes raw (key, payload) records and waits for every ack.
 pub async fn publish(producer: &rdkafka::producer::FutureProducer, topic: &str, records: &[(String, Vec<u8>)]) {
     use rdkafka::producer::FutureRecord;
-    let deliveries: Vec<_> = records
-        .iter()
-        .map(|(key, payload)| producer.send_result(FutureRecord::to(topic).key(key).payload(payload)).expect("enqueue"))
-        .collect();
-    for d in deliveries {
-        d.await.expect("delivery").expect("broker ack");
+    // In chunks, so the producer's local queue never overflows.
+    for chunk in records.chunks(20_000) {
+        let deliveries: Vec<_> = chunk
+            .iter()
+            .map(|(key, payload)| {
+                producer.send_result(FutureRecord::to(topic).key(key).payload(payload)).expect("enqueue")
+            })
+            .collect();
+        for d in deliveries {
+            d.await.expect("delivery").expect("broker ack");
+        }
     }
 }
 

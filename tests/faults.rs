@@ -1,0 +1,344 @@
+//! Fault injection against real components: the `fraudstream score` binary
+//! as a child process, the tansu broker and the Garage S3 store. Each
+//! scenario asserts that nothing is lost and counts duplicates.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fraudstream::codec::{Codec, WireFormat};
+use fraudstream::kafka::KafkaArgs;
+use fraudstream::{Payment, Simulator};
+use rdkafka::message::OwnedMessage;
+use rdkafka::Message;
+
+const CODEC: Codec = Codec::new(WireFormat::Confluent, 1);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `fraudstream score` child process with its log file.
+struct Scorer {
+    child: Child,
+    http: String,
+    log: PathBuf,
+}
+
+impl Scorer {
+    fn spawn(kafka: &KafkaArgs, topic: &str, store: &str, group: &str, dir: &Path, extra_env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let log = dir.join(format!("scorer-{port}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fraudstream"));
+        cmd.args(["score", "--brokers", &kafka.brokers, "--input-topic", topic])
+            .args(["--output-topic", &format!("{topic}-out"), "--dlq-topic", &format!("{topic}-dlq")])
+            .args(["--group-id", group, "--model-store", store, "--poll-interval", "300ms"])
+            .args(["--http-addr", &format!("127.0.0.1:{port}"), "--device", "cpu"])
+            .args(["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=1000"])
+            .arg("--model-cache")
+            .arg(dir.join(format!("cache-{port}")))
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        Self { child: cmd.spawn().expect("spawn fraudstream score"), http: format!("http://127.0.0.1:{port}"), log }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL the scorer");
+        let _ = self.child.wait();
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let Ok(response) = reqwest::get(format!("{}/metrics", self.http)).await else { return 0.0 };
+        let text = response.text().await.unwrap_or_default();
+        text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    }
+
+    async fn ready(&self) -> bool {
+        reqwest::get(format!("{}/readyz", self.http)).await.is_ok_and(|r| r.status().is_success())
+    }
+
+    async fn wait_until(&mut self, what: &str, timeout: Duration, mut f: impl AsyncFnMut(&Self) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !f(self).await {
+            assert!(self.alive(), "scorer exited while waiting for {what}:\n{}", self.log());
+            assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM and wait: the graceful path.
+    fn stop(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.alive() {
+            self.kill9();
+        }
+    }
+}
+
+impl Drop for Scorer {
+    fn drop(&mut self) {
+        if self.alive() {
+            self.kill9();
+        }
+    }
+}
+
+async fn topic_for(kafka: &KafkaArgs, partitions: i32) -> String {
+    let topic = common::unique("fault");
+    let all = [topic.clone(), format!("{topic}-out"), format!("{topic}-dlq")];
+    let names: Vec<&str> = all.iter().map(String::as_str).collect();
+    fraudstream::kafka::ensure_topics(kafka, &names, partitions).await.unwrap();
+    topic
+}
+
+async fn local_model(dir: &Path) -> String {
+    let store = dir.join("models").display().to_string();
+    common::train_and_publish(&store, 20_000, 11, false).await;
+    store
+}
+
+fn payments(n: u64, seed: u64) -> Vec<Payment> {
+    Simulator::new(n, seed).map(|p| Payment { fraud: None, ..p }).collect()
+}
+
+fn records(payments: &[Payment]) -> Vec<(String, Vec<u8>)> {
+    payments.iter().map(|p| (p.customer.clone(), CODEC.encode_payment(p).unwrap())).collect()
+}
+
+async fn read_ids(kafka: &KafkaArgs, topic: &str, want: usize, idle: Duration) -> (usize, HashSet<String>) {
+    let messages = read_from(kafka, topic, idle, |m| {
+        m.len() >= want && ids_of(m).len() >= want
+    })
+    .await;
+    (messages.len(), ids_of(&messages))
+}
+
+fn ids_of(messages: &[OwnedMessage]) -> HashSet<String> {
+    messages.iter().filter_map(|m| CODEC.decode_scored(m.payload()?).ok()).map(|s| s.payment.payment_id).collect()
+}
+
+async fn read_from(
+    kafka: &KafkaArgs,
+    topic: &str,
+    idle: Duration,
+    mut until: impl FnMut(&[OwnedMessage]) -> bool,
+) -> Vec<OwnedMessage> {
+    use futures::StreamExt;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let group = common::unique("reader");
+    let consumer: StreamConsumer = kafka
+        .client_config(&[("group.id", &group), ("enable.auto.commit", "false"), ("auto.offset.reset", "earliest")])
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let mut stream = consumer.stream();
+    let mut checked = 0;
+    loop {
+        // `until` may be costly: check it every thousand messages and when idle.
+        if out.len() >= checked + 1000 || out.is_empty() {
+            checked = out.len();
+            if until(&out) {
+                break;
+            }
+        }
+        match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(Ok(m))) => out.push(m.detach()),
+            Ok(Some(Err(e))) => panic!("reading {topic}: {e}"),
+            _ => break,
+        }
+    }
+    out
+}
+
+fn assert_nothing_lost(sent: &[Payment], outputs: usize, seen: &HashSet<String>, scenario: &str) {
+    let lost: Vec<&str> = sent.iter().map(|p| p.payment_id.as_str()).filter(|id| !seen.contains(*id)).collect();
+    assert!(lost.is_empty(), "{scenario}: lost {} of {} payments, e.g. {:?}", lost.len(), sent.len(), &lost[..lost.len().min(5)]);
+    eprintln!("{scenario}: {} payments, {outputs} outputs, {} duplicates, 0 lost", sent.len(), outputs - seen.len());
+}
+
+/// 1. `kill -9` of a scorer in the middle of 200,000 events, then a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_stream_then_restart_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = common::kafka();
+    let store = local_model(dir.path()).await;
+    let topic = topic_for(&kafka, 4).await;
+    let group = common::unique("group");
+    let sent = payments(200_000, 21);
+    let publishing = {
+        let (topic, records) = (topic.clone(), records(&sent));
+        tokio::spawn(async move { common::publish(&common::input_producer(), &topic, &records).await })
+    };
+    let mut scorer = Scorer::spawn(&kafka, &topic, &store, &group, dir.path(), &[]);
+    scorer.wait_until("30,000 outputs", Duration::from_secs(120), async |s| s.metric("fraudstream_events_out_total").await >= 30_000.0).await;
+    scorer.kill9();
+    let scorer = Scorer::spawn(&kafka, &topic, &store, &group, dir.path(), &[]);
+    publishing.await.unwrap();
+    let (outputs, seen) = read_ids(&kafka, &format!("{topic}-out"), sent.len(), Duration::from_secs(30)).await;
+    scorer.stop();
+    assert_nothing_lost(&sent, outputs, &seen, "kill -9 and restart");
+}
+
+/// 2. Two scorers in one group; one is killed; the other takes over its partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_group_member_is_replaced_by_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = common::kafka();
+    let store = local_model(dir.path()).await;
+    let topic = topic_for(&kafka, 4).await;
+    let group = common::unique("group");
+    let mut a = Scorer::spawn(&kafka, &topic, &store, &group, dir.path(), &[]);
+    let mut b = Scorer::spawn(&kafka, &topic, &store, &group, dir.path(), &[]);
+    a.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
+    b.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
+    let sent = payments(30_000, 22);
+    let publishing = {
+        let (topic, records) = (topic.clone(), records(&sent));
+        tokio::spawn(async move { common::publish(&common::input_producer(), &topic, &records).await })
+    };
+    a.wait_until("outputs from the first member", Duration::from_secs(60), async |s| {
+        s.metric("fraudstream_events_out_total").await >= 2_000.0
+    })
+    .await;
+    a.kill9();
+    publishing.await.unwrap();
+    let (outputs, seen) = read_ids(&kafka, &format!("{topic}-out"), sent.len(), Duration::from_secs(40)).await;
+    assert!(b.alive());
+    b.stop();
+    assert_nothing_lost(&sent, outputs, &seen, "two members, one killed");
+}
+
+/// 6. 10,000 malformed events mixed into 100,000 good ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_events_go_to_the_dlq_and_the_process_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = common::kafka();
+    let store = local_model(dir.path()).await;
+    let topic = topic_for(&kafka, 4).await;
+    let good = payments(100_000, 23);
+    let mut all = records(&good);
+    for i in 0..10_000usize {
+        let bad = match i % 4 {
+            0 => format!("garbage-{i}").into_bytes(),
+            1 => CODEC.encode_payment(&Payment { gender: "X".into(), ..good[i].clone() }).unwrap(),
+            2 => CODEC.encode_payment(&Payment { amount: f64::INFINITY, ..good[i].clone() }).unwrap(),
+            _ => vec![0, 0, 0, 0, 1],
+        };
+        all.insert(i * 11, (format!("bad-{i}"), bad));
+    }
+    // A single run from offset 0: ordinary batching is fine here.
+    let producer: rdkafka::producer::FutureProducer = kafka.client_config(&[("linger.ms", "5")]).create().unwrap();
+    common::publish(&producer, &topic, &all).await;
+    let mut scorer = Scorer::spawn(&kafka, &topic, &store, &common::unique("group"), dir.path(), &[]);
+    let (outputs, seen) = read_ids(&kafka, &format!("{topic}-out"), good.len(), Duration::from_secs(30)).await;
+    let dlq = read_from(&kafka, &format!("{topic}-dlq"), Duration::from_secs(10), |m| m.len() >= 10_000).await;
+    assert!(scorer.alive(), "the scorer died on bad input:\n{}", scorer.log());
+    assert_nothing_lost(&good, outputs, &seen, "malformed mix");
+    assert_eq!(dlq.len(), 10_000);
+    assert!(dlq.iter().all(|m| m.key().is_some_and(|k| k.starts_with(b"bad-"))));
+    let reasons: HashSet<String> = dlq
+        .iter()
+        .filter_map(|m| {
+            use rdkafka::message::Headers;
+            let h = m.headers()?;
+            h.iter().find(|h| h.key == "fraudstream.error.reason").and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into())
+        })
+        .collect();
+    assert_eq!(reasons, HashSet::from(["undecodable".to_string(), "invalid-payment".to_string()]));
+    assert!(scorer.metric("fraudstream_events_dead_lettered_total").await >= 10_000.0);
+    scorer.stop();
+}
+
+/// 5. Corrupt or incomplete versions are rejected; the old model keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_model_versions_are_rejected_and_the_old_model_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = common::kafka();
+    let store = local_model(dir.path()).await;
+    let good_version = std::fs::read_dir(Path::new(&store).join("versions")).unwrap().next().unwrap().unwrap().file_name();
+    let good_dir = Path::new(&store).join("versions").join(&good_version);
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(good_dir.join("model.json")).unwrap()).unwrap();
+    let topic = topic_for(&kafka, 2).await;
+    let mut scorer = Scorer::spawn(&kafka, &topic, &store, &common::unique("group"), dir.path(), &[]);
+    scorer.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
+
+    let base: u64 = good_version.to_str().unwrap().parse().unwrap();
+    let publish = |offset: u64, model: Option<Vec<u8>>, with_manifest: bool| {
+        let version = (base + offset).to_string();
+        let folder = Path::new(&store).join("versions").join(&version);
+        std::fs::create_dir_all(&folder).unwrap();
+        if let Some(bytes) = model {
+            std::fs::write(folder.join("model.pt"), bytes).unwrap();
+        }
+        if with_manifest {
+            let mut m = manifest.clone();
+            m["version"] = serde_json::json!(version);
+            std::fs::write(folder.join("model.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        }
+        version
+    };
+    let model_bytes = std::fs::read(good_dir.join("model.pt")).unwrap();
+    // Truncated TorchScript.
+    let truncated = publish(10, Some(model_bytes[..model_bytes.len() / 3].to_vec()), true);
+    scorer
+        .wait_until("the truncated version's rejection", Duration::from_secs(30), async |s| {
+            s.metric("fraudstream_model_load_failures_total{reason=\"invalid\"}").await >= 1.0
+        })
+        .await;
+    // Missing manifest: an incomplete version, never even considered.
+    publish(20, Some(model_bytes.clone()), false);
+    // Wrong output shape: three classes instead of two.
+    let wrong_shape = {
+        let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let linear = tch::nn::linear(vs.root(), 28, 3, Default::default());
+        vs.freeze();
+        let module = tch::CModule::create_by_tracing("Wrong", "forward", &[tch::Tensor::zeros([2, 28], tch::kind::FLOAT_CPU)], &mut |x| {
+            vec![tch::nn::Module::forward(&linear, &x[0]).softmax(-1, tch::Kind::Float)]
+        })
+        .unwrap();
+        let path = dir.path().join("wrong.pt");
+        module.save(&path).unwrap();
+        publish(30, Some(std::fs::read(&path).unwrap()), true)
+    };
+    scorer
+        .wait_until("two rejections", Duration::from_secs(30), async |s| {
+            s.metric("fraudstream_model_load_failures_total{reason=\"invalid\"}").await >= 2.0
+        })
+        .await;
+    let log = scorer.log();
+    for version in [&truncated, &wrong_shape] {
+        assert!(log.contains("rejected model version") && log.contains(version.as_str()), "no log line for {version}:\n{log}");
+    }
+    let status: serde_json::Value =
+        reqwest::get(format!("{}/v1/models/payfraud", scorer.http)).await.unwrap().json().await.unwrap();
+    assert_eq!(status["model_version_status"][0]["version"], serde_json::json!(good_version.to_str().unwrap()));
+
+    // Still scoring with the good model.
+    let sent = payments(2_000, 24);
+    let producer: rdkafka::producer::FutureProducer = kafka.client_config(&[]).create().unwrap();
+    common::publish(&producer, &topic, &records(&sent)).await;
+    let outputs = read_from(&kafka, &format!("{topic}-out"), Duration::from_secs(20), |m| m.len() >= 2_000).await;
+    assert_eq!(outputs.len(), 2_000);
+    assert!(outputs.iter().all(|m| CODEC.decode_scored(m.payload().unwrap()).unwrap().model_version == good_version.to_str().unwrap()));
+    scorer.stop();
+}
