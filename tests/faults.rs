@@ -342,3 +342,171 @@ async fn corrupt_model_versions_are_rejected_and_the_old_model_serves() {
     assert!(outputs.iter().all(|m| CODEC.decode_scored(m.payload().unwrap()).unwrap().model_version == good_version.to_str().unwrap()));
     scorer.stop();
 }
+
+/// A service process this test started (and kills, by PID, when dropped).
+struct Service(Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn tansu_sqlite(dir: &Path, port: u16) -> Service {
+    let bin = std::env::var("FRAUDSTREAM_TANSU_BIN").expect("FRAUDSTREAM_TANSU_BIN (set by scripts/test-services env)");
+    let url = format!("tcp://127.0.0.1:{port}");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("tansu.log")).unwrap();
+    Service(
+        Command::new(bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "sqlite://tansu.db"])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu"),
+    )
+}
+
+/// 3. The broker restarts mid-stream (sqlite storage survives); the scorer reconnects and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_restart_mid_stream_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = local_model(dir.path()).await;
+    let port = free_port();
+    let mut broker = tansu_sqlite(dir.path(), port);
+    wait_port(port).await;
+    let kafka = KafkaArgs::new(format!("127.0.0.1:{port}"));
+    let topic = topic_for(&kafka, 2).await;
+    let producer: rdkafka::producer::FutureProducer = kafka
+        .client_config(&[("enable.idempotence", "true"), ("batch.num.messages", "1"), ("linger.ms", "1")])
+        .create()
+        .unwrap();
+    let first = payments(10_000, 31);
+    common::publish(&producer, &topic, &records(&first)).await;
+    let mut scorer = Scorer::spawn(&kafka, &topic, &store, &common::unique("group"), dir.path(), &[]);
+    scorer
+        .wait_until("2,000 outputs", Duration::from_secs(60), async |s| s.metric("fraudstream_events_out_total").await >= 2_000.0)
+        .await;
+    // Kill the broker hard, then bring it back on the same port and storage.
+    let _ = broker.0.kill();
+    let _ = broker.0.wait();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker = tansu_sqlite(dir.path(), port);
+    wait_port(port).await;
+    let second = payments(5_000, 32);
+    common::publish(&producer, &topic, &records(&second)).await;
+    let sent: Vec<Payment> = first.into_iter().chain(second).collect();
+    let (outputs, seen) = read_ids(&kafka, &format!("{topic}-out"), sent.len(), Duration::from_secs(40)).await;
+    assert!(scorer.alive(), "{}", scorer.log());
+    scorer.stop();
+    drop(broker);
+    assert_nothing_lost(&sent, outputs, &seen, "broker restart");
+}
+
+fn garage(dir: &Path, s3_port: u16, bucket: &str) -> Service {
+    let bin = std::env::var("FRAUDSTREAM_GARAGE_BIN").expect("FRAUDSTREAM_GARAGE_BIN (set by scripts/test-services env)");
+    let rpc = free_port();
+    let config = dir.join("garage.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "metadata_dir = \"{0}/meta\"\ndata_dir = \"{0}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\n\
+             rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{1}\"\n\n\
+             [s3_api]\ns3_region = \"us-east-1\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\nroot_domain = \".s3.localhost\"\n",
+            dir.display(),
+            "1".repeat(64)
+        ),
+    )
+    .unwrap();
+    Service(
+        Command::new(bin)
+            .args(["server", "--single-node", "--default-bucket"])
+            .env("GARAGE_CONFIG_FILE", &config)
+            .env("GARAGE_DEFAULT_BUCKET", bucket)
+            .env("GARAGE_DEFAULT_ACCESS_KEY", std::env::var("AWS_ACCESS_KEY_ID").unwrap())
+            .env("GARAGE_DEFAULT_SECRET_KEY", std::env::var("AWS_SECRET_ACCESS_KEY").unwrap())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start garage"),
+    )
+}
+
+/// 4. The S3 store is down when the scorer starts (it retries, then serves),
+/// and goes down again while it runs (the current model keeps serving).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_down_at_start_and_during_polls() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = common::kafka();
+    let local = local_model(dir.path()).await;
+    let topic = topic_for(&kafka, 2).await;
+    let s3_port = free_port();
+    let endpoint = format!("http://127.0.0.1:{s3_port}");
+    let bucket = "fault-models";
+    let store = format!("s3://{bucket}/payfraud");
+    let mut scorer = Scorer::spawn(
+        &kafka,
+        &topic,
+        &store,
+        &common::unique("group"),
+        dir.path(),
+        &[("AWS_ENDPOINT_URL", &endpoint), ("AWS_MAX_ATTEMPTS", "1")],
+    );
+    scorer.wait_until("a retry log line", Duration::from_secs(30), async |s| s.log().contains("no model to serve yet")).await;
+    assert!(!scorer.ready().await, "ready without a model");
+
+    // The store comes up and a version appears in it.
+    let garage_dir = dir.path().join("garage");
+    std::fs::create_dir_all(&garage_dir).unwrap();
+    let store_process = garage(&garage_dir, s3_port, bucket);
+    wait_port(s3_port).await;
+    let shared = aws_config::load_from_env().await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&shared).endpoint_url(&endpoint).force_path_style(true).build(),
+    );
+    let version_dir = std::fs::read_dir(Path::new(&local).join("versions")).unwrap().next().unwrap().unwrap().path();
+    let version = version_dir.file_name().unwrap().to_str().unwrap().to_string();
+    for file in ["model.pt", "model.json"] {
+        let body = std::fs::read(version_dir.join(file)).unwrap();
+        let mut attempt = 0;
+        while let Err(e) = s3
+            .put_object()
+            .bucket(bucket)
+            .key(format!("payfraud/versions/{version}/{file}"))
+            .body(body.clone().into())
+            .send()
+            .await
+        {
+            attempt += 1;
+            assert!(attempt < 50, "cannot upload to the new store: {e:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    scorer.wait_until("ready after the store came up", Duration::from_secs(60), async |s| s.ready().await).await;
+    let producer: rdkafka::producer::FutureProducer = kafka.client_config(&[]).create().unwrap();
+    let first = payments(2_000, 41);
+    common::publish(&producer, &topic, &records(&first)).await;
+    read_ids(&kafka, &format!("{topic}-out"), 2_000, Duration::from_secs(20)).await;
+
+    // The store goes away; polls fail; scoring goes on with the current model.
+    drop(store_process);
+    scorer.wait_until("a failed poll", Duration::from_secs(30), async |s| s.log().contains("model poll failed")).await;
+    let second = payments(2_000, 42);
+    common::publish(&producer, &topic, &records(&second)).await;
+    let sent: Vec<Payment> = first.into_iter().chain(second).collect();
+    let (outputs, seen) = read_ids(&kafka, &format!("{topic}-out"), sent.len(), Duration::from_secs(20)).await;
+    assert!(scorer.alive());
+    assert!(scorer.metric("fraudstream_model_load_failures_total{reason=\"unavailable\"}").await >= 1.0);
+    scorer.stop();
+    assert_nothing_lost(&sent, outputs, &seen, "S3 down at start and during polls");
+}
