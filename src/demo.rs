@@ -173,6 +173,7 @@ pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
             max_delay: config.max_delay,
             max_in_flight: 100_000,
             drain_timeout: Duration::from_secs(30),
+            relay: false,
         },
         watch: WatchConfig {
             store: store.clone(),

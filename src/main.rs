@@ -100,6 +100,9 @@ struct ScoreArgs {
     /// Longest a partition revoke or shutdown waits for in-flight events.
     #[arg(long, env = "FRAUDSTREAM_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Benchmark baseline: forward input events unchanged to the output topic, no decoding or scoring.
+    #[arg(long)]
+    relay: bool,
     /// Partitions for the output and dead-letter topics if they must be created (0: never create topics).
     #[arg(long, env = "FRAUDSTREAM_TOPIC_PARTITIONS", default_value_t = 4)]
     topic_partitions: i32,
@@ -441,6 +444,7 @@ async fn score(args: ScoreArgs) -> Result<()> {
             max_delay: args.scoring.max_delay,
             max_in_flight: args.max_in_flight,
             drain_timeout: args.drain_timeout,
+            relay: args.relay,
         },
         watch: WatchConfig {
             store: args.model_store,

@@ -125,10 +125,7 @@ fn records(payments: &[Payment]) -> Vec<(String, Vec<u8>)> {
 }
 
 async fn read_ids(kafka: &KafkaArgs, topic: &str, want: usize, idle: Duration) -> (usize, HashSet<String>) {
-    let messages = read_from(kafka, topic, idle, |m| {
-        m.len() >= want && ids_of(m).len() >= want
-    })
-    .await;
+    let messages = read_from(kafka, topic, idle, |m| m.len() >= want && ids_of(m).len() >= want).await;
     (messages.len(), ids_of(&messages))
 }
 
@@ -172,7 +169,13 @@ async fn read_from(
 
 fn assert_nothing_lost(sent: &[Payment], outputs: usize, seen: &HashSet<String>, scenario: &str) {
     let lost: Vec<&str> = sent.iter().map(|p| p.payment_id.as_str()).filter(|id| !seen.contains(*id)).collect();
-    assert!(lost.is_empty(), "{scenario}: lost {} of {} payments, e.g. {:?}", lost.len(), sent.len(), &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "{scenario}: lost {} of {} payments, e.g. {:?}",
+        lost.len(),
+        sent.len(),
+        &lost[..lost.len().min(5)]
+    );
     eprintln!("{scenario}: {} payments, {outputs} outputs, {} duplicates, 0 lost", sent.len(), outputs - seen.len());
 }
 
@@ -190,7 +193,11 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
         tokio::spawn(async move { common::publish(&common::input_producer(), &topic, &records).await })
     };
     let mut scorer = Scorer::spawn(&kafka, &topic, &store, &group, dir.path(), &[]);
-    scorer.wait_until("30,000 outputs", Duration::from_secs(120), async |s| s.metric("fraudstream_events_out_total").await >= 30_000.0).await;
+    scorer
+        .wait_until("30,000 outputs", Duration::from_secs(120), async |s| {
+            s.metric("fraudstream_events_out_total").await >= 30_000.0
+        })
+        .await;
     scorer.kill9();
     let scorer = Scorer::spawn(&kafka, &topic, &store, &group, dir.path(), &[]);
     publishing.await.unwrap();
@@ -237,11 +244,11 @@ async fn malformed_events_go_to_the_dlq_and_the_process_lives() {
     let topic = topic_for(&kafka, 4).await;
     let good = payments(100_000, 23);
     let mut all = records(&good);
-    for i in 0..10_000usize {
+    for (i, template) in good.iter().take(10_000).enumerate() {
         let bad = match i % 4 {
             0 => format!("garbage-{i}").into_bytes(),
-            1 => CODEC.encode_payment(&Payment { gender: "X".into(), ..good[i].clone() }).unwrap(),
-            2 => CODEC.encode_payment(&Payment { amount: f64::INFINITY, ..good[i].clone() }).unwrap(),
+            1 => CODEC.encode_payment(&Payment { gender: "X".into(), ..template.clone() }).unwrap(),
+            2 => CODEC.encode_payment(&Payment { amount: f64::INFINITY, ..template.clone() }).unwrap(),
             _ => vec![0, 0, 0, 0, 1],
         };
         all.insert(i * 11, (format!("bad-{i}"), bad));
@@ -261,7 +268,10 @@ async fn malformed_events_go_to_the_dlq_and_the_process_lives() {
         .filter_map(|m| {
             use rdkafka::message::Headers;
             let h = m.headers()?;
-            h.iter().find(|h| h.key == "fraudstream.error.reason").and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into())
+            h.iter()
+                .find(|h| h.key == "fraudstream.error.reason")
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into())
         })
         .collect();
     assert_eq!(reasons, HashSet::from(["undecodable".to_string(), "invalid-payment".to_string()]));
@@ -275,9 +285,11 @@ async fn corrupt_model_versions_are_rejected_and_the_old_model_serves() {
     let dir = tempfile::tempdir().unwrap();
     let kafka = common::kafka();
     let store = local_model(dir.path()).await;
-    let good_version = std::fs::read_dir(Path::new(&store).join("versions")).unwrap().next().unwrap().unwrap().file_name();
+    let good_version =
+        std::fs::read_dir(Path::new(&store).join("versions")).unwrap().next().unwrap().unwrap().file_name();
     let good_dir = Path::new(&store).join("versions").join(&good_version);
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(good_dir.join("model.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(good_dir.join("model.json")).unwrap()).unwrap();
     let topic = topic_for(&kafka, 2).await;
     let mut scorer = Scorer::spawn(&kafka, &topic, &store, &common::unique("group"), dir.path(), &[]);
     scorer.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
@@ -312,9 +324,12 @@ async fn corrupt_model_versions_are_rejected_and_the_old_model_serves() {
         let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
         let linear = tch::nn::linear(vs.root(), 28, 3, Default::default());
         vs.freeze();
-        let module = tch::CModule::create_by_tracing("Wrong", "forward", &[tch::Tensor::zeros([2, 28], tch::kind::FLOAT_CPU)], &mut |x| {
-            vec![tch::nn::Module::forward(&linear, &x[0]).softmax(-1, tch::Kind::Float)]
-        })
+        let module = tch::CModule::create_by_tracing(
+            "Wrong",
+            "forward",
+            &[tch::Tensor::zeros([2, 28], tch::kind::FLOAT_CPU)],
+            &mut |x| vec![tch::nn::Module::forward(&linear, &x[0]).softmax(-1, tch::Kind::Float)],
+        )
         .unwrap();
         let path = dir.path().join("wrong.pt");
         module.save(&path).unwrap();
@@ -327,7 +342,10 @@ async fn corrupt_model_versions_are_rejected_and_the_old_model_serves() {
         .await;
     let log = scorer.log();
     for version in [&truncated, &wrong_shape] {
-        assert!(log.contains("rejected model version") && log.contains(version.as_str()), "no log line for {version}:\n{log}");
+        assert!(
+            log.contains("rejected model version") && log.contains(version.as_str()),
+            "no log line for {version}:\n{log}"
+        );
     }
     let status: serde_json::Value =
         reqwest::get(format!("{}/v1/models/payfraud", scorer.http)).await.unwrap().json().await.unwrap();
@@ -339,7 +357,9 @@ async fn corrupt_model_versions_are_rejected_and_the_old_model_serves() {
     common::publish(&producer, &topic, &records(&sent)).await;
     let outputs = read_from(&kafka, &format!("{topic}-out"), Duration::from_secs(20), |m| m.len() >= 2_000).await;
     assert_eq!(outputs.len(), 2_000);
-    assert!(outputs.iter().all(|m| CODEC.decode_scored(m.payload().unwrap()).unwrap().model_version == good_version.to_str().unwrap()));
+    assert!(outputs
+        .iter()
+        .all(|m| CODEC.decode_scored(m.payload().unwrap()).unwrap().model_version == good_version.to_str().unwrap()));
     scorer.stop();
 }
 
@@ -367,7 +387,15 @@ fn tansu_sqlite(dir: &Path, port: u16) -> Service {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("tansu.log")).unwrap();
     Service(
         Command::new(bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "sqlite://tansu.db"])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ])
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(log)
@@ -394,7 +422,9 @@ async fn broker_restart_mid_stream_loses_nothing() {
     common::publish(&producer, &topic, &records(&first)).await;
     let mut scorer = Scorer::spawn(&kafka, &topic, &store, &common::unique("group"), dir.path(), &[]);
     scorer
-        .wait_until("2,000 outputs", Duration::from_secs(60), async |s| s.metric("fraudstream_events_out_total").await >= 2_000.0)
+        .wait_until("2,000 outputs", Duration::from_secs(60), async |s| {
+            s.metric("fraudstream_events_out_total").await >= 2_000.0
+        })
         .await;
     // Kill the broker hard, then bring it back on the same port and storage.
     let _ = broker.0.kill();
@@ -413,7 +443,8 @@ async fn broker_restart_mid_stream_loses_nothing() {
 }
 
 fn garage(dir: &Path, s3_port: u16, bucket: &str) -> Service {
-    let bin = std::env::var("FRAUDSTREAM_GARAGE_BIN").expect("FRAUDSTREAM_GARAGE_BIN (set by scripts/test-services env)");
+    let bin =
+        std::env::var("FRAUDSTREAM_GARAGE_BIN").expect("FRAUDSTREAM_GARAGE_BIN (set by scripts/test-services env)");
     let rpc = free_port();
     let config = dir.join("garage.toml");
     std::fs::write(
@@ -462,7 +493,9 @@ async fn s3_down_at_start_and_during_polls() {
         dir.path(),
         &[("AWS_ENDPOINT_URL", &endpoint), ("AWS_MAX_ATTEMPTS", "1")],
     );
-    scorer.wait_until("a retry log line", Duration::from_secs(30), async |s| s.log().contains("no model to serve yet")).await;
+    scorer
+        .wait_until("a retry log line", Duration::from_secs(30), async |s| s.log().contains("no model to serve yet"))
+        .await;
     assert!(!scorer.ready().await, "ready without a model");
 
     // The store comes up and a version appears in it.

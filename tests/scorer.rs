@@ -46,6 +46,7 @@ fn config(topics: &Topics, store: &str, group: &str, cache: &std::path::Path) ->
             max_delay: Duration::from_millis(5),
             max_in_flight: 20_000,
             drain_timeout: Duration::from_secs(20),
+            relay: false,
         },
         watch: WatchConfig {
             store: store.into(),

@@ -60,6 +60,10 @@ pub struct PipelineConfig {
     pub max_in_flight: usize,
     /// Longest a revoke or shutdown waits for in-flight events.
     pub drain_timeout: Duration,
+    /// Forward every input event unchanged to the output topic, without
+    /// decoding or scoring: the same consumer, producer and offset handling,
+    /// as a benchmark baseline for the Kafka ceiling.
+    pub relay: bool,
 }
 
 /// Shared liveness facts for `/readyz`.
@@ -407,6 +411,9 @@ pub async fn run(
                 ("enable.auto.offset.store", "false"),
                 ("auto.offset.reset", "earliest"),
                 ("statistics.interval.ms", "5000"),
+                // Return fetches quickly: brokers that hold a fetch for its full
+                // wait (tansu does) would otherwise add up to 500 ms of latency.
+                ("fetch.wait.max.ms", "10"),
             ])
             .create_with_context(ConsumerHooks(shared.clone()))
             .map_err(kafka_err)?,
@@ -494,6 +501,18 @@ pub async fn run(
         permit.forget();
         metrics::counter!(metric::EVENTS_IN).increment(1);
         counters.consumed.fetch_add(1, Ordering::Relaxed);
+        if config.relay {
+            shared.tracker.begin(&config.input_topic, message.partition(), message.offset());
+            let delivery = Box::new(Delivery {
+                partition: message.partition(),
+                offset: message.offset(),
+                event_time: message.timestamp().to_millis().unwrap_or_else(now_ms),
+                kind: DeliveryKind::Scored,
+            });
+            let payload = message.payload().unwrap_or_default();
+            emitter.send(&config.output_topic, message.key(), payload, None, delivery).await;
+            continue;
+        }
         let (event, decoded) = take_event(&message, &config.input_codec);
         shared.tracker.begin(&config.input_topic, event.partition, event.offset);
         match decoded {

@@ -1,0 +1,313 @@
+//! Side-by-side benchmarks, measured in one run on one machine (run with
+//! `scripts/bench`, which starts the broker and writes docs/benchmarks.md).
+//!
+//! 1. scorer throughput vs a no-op relay built from the same consumer and
+//!    producer code, on the same broker and the same 1M-event stream;
+//! 2. scorer throughput vs the original demo's architecture: one synchronous
+//!    HTTP `:predict` call per event against the scorer's own REST API;
+//! 3. end-to-end latency at 25%, 50% and 75% of the measured maximum rate;
+//! 4. inference alone at batch sizes 1..4096, simulator speed, trainer time
+//!    on 594,643 rows, and the peak RSS of this process.
+//!
+//! Ratios, not absolute numbers, are the result: the machine is shared.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use fraudstream::api::{router, ApiState};
+use fraudstream::codec::{Codec, WireFormat};
+use fraudstream::kafka::{ensure_topics, KafkaArgs};
+use fraudstream::model::{Model, ModelStore, MODEL_FILE};
+use fraudstream::model_watch::WatchConfig;
+use fraudstream::pipeline::PipelineConfig;
+use fraudstream::produce::{create_producer, publish_payments, PublishOptions};
+use fraudstream::scorer::{ScorerConfig, ScorerParts};
+use fraudstream::scoring::ScoringService;
+use fraudstream::training::{data::DataSource, run_once, train::TrainConfig, TrainerOptions};
+use fraudstream::Simulator;
+use futures::StreamExt;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::Message;
+use tokio_util::sync::CancellationToken;
+
+const CODEC: Codec = Codec::new(WireFormat::Confluent, 1);
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn scorer_config(
+    kafka: &KafkaArgs,
+    input: &str,
+    output: &str,
+    store: &str,
+    cache: &std::path::Path,
+    relay: bool,
+) -> ScorerConfig {
+    ScorerConfig {
+        pipeline: PipelineConfig {
+            kafka: kafka.clone(),
+            group_id: unique("bench"),
+            input_topic: input.into(),
+            output_topic: output.into(),
+            dead_letter_topic: format!("{output}-dlq"),
+            input_codec: CODEC,
+            output_codec: CODEC,
+            max_batch: 1024,
+            max_delay: Duration::from_millis(5),
+            max_in_flight: 100_000,
+            drain_timeout: Duration::from_secs(30),
+            relay,
+        },
+        watch: WatchConfig {
+            store: store.into(),
+            pinned_version: None,
+            poll_interval: Duration::from_secs(3600),
+            device: tch::Device::Cpu,
+            cache_dir: cache.to_path_buf(),
+        },
+        http_addr: None,
+        model_name: "payfraud".into(),
+        body_limit: 1 << 20,
+        create_topics: Some(4),
+    }
+}
+
+/// Runs a scorer (or relay) over the whole input topic; returns events/s
+/// from the first event consumed to the last output acknowledged.
+async fn drain_topic(config: ScorerConfig, events: u64) -> f64 {
+    let parts = ScorerParts::new(config.pipeline.max_batch);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(fraudstream::scorer::run(config, parts.clone(), shutdown.clone()));
+    let mut started = None;
+    loop {
+        let consumed = parts.counters.consumed.load(Ordering::Relaxed);
+        if consumed > 0 && started.is_none() {
+            started = Some(Instant::now());
+        }
+        if parts.counters.scored.load(Ordering::Relaxed) >= events {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let seconds = started.expect("consumed something").elapsed().as_secs_f64();
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    events as f64 / seconds
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted.get(((sorted.len().max(1) - 1) as f64 * q).round() as usize).copied().unwrap_or(f64::NAN)
+}
+
+/// Publishes at `rate` for `seconds` while a scorer runs; returns latency
+/// percentiles (ms) from event time to scored, read from the outputs.
+async fn latency_at(kafka: &KafkaArgs, store: &str, cache: &std::path::Path, rate: f64, seconds: f64) -> (f64, f64) {
+    let input = unique("lat-in");
+    let output = unique("lat-out");
+    ensure_topics(kafka, &[&input, &output], 4).await.unwrap();
+    let parts = ScorerParts::new(1024);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(fraudstream::scorer::run(
+        scorer_config(kafka, &input, &output, store, cache, false),
+        parts.clone(),
+        shutdown.clone(),
+    ));
+    while parts.state.assigned_partitions() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n = (rate * seconds) as u64;
+    let producer = create_producer(kafka).unwrap();
+    let options = PublishOptions { topic: input, codec: CODEC, rate: Some(rate), stamp_event_time: true };
+    publish_payments(&producer, &options, Simulator::new(n, 5), |_| {}).await.unwrap();
+    while parts.counters.scored.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let consumer: StreamConsumer = kafka
+        .client_config(&[
+            ("group.id", &unique("lat-read")),
+            ("auto.offset.reset", "earliest"),
+            ("enable.auto.commit", "false"),
+        ])
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&output]).unwrap();
+    let mut latencies = Vec::with_capacity(n as usize);
+    let mut seen = 0u64;
+    let mut stream = consumer.stream();
+    while seen < n {
+        let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await else { break };
+        let s = CODEC.decode_scored(m.payload().unwrap()).unwrap();
+        seen += 1;
+        // Skip the first 2 s of traffic: connection set-up and the first fetches are warm-up.
+        let index: f64 = s.payment.payment_id.rsplit('-').next().unwrap().parse().unwrap();
+        if index >= rate * 2.0 {
+            latencies.push((s.scored_at - s.payment.event_time) as f64);
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    tch::set_num_threads(1);
+    let brokers = std::env::var("FRAUDSTREAM_TEST_BROKERS").expect("run through scripts/bench (starts the broker)");
+    let kafka = KafkaArgs::new(brokers);
+    let events = env_u64("BENCH_EVENTS", 1_000_000);
+    let http_calls = env_u64("BENCH_HTTP_CALLS", 5_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = String::new();
+
+    // Trainer on the full-size simulated set (also the model every run below uses).
+    let store = dir.path().join("models").display().to_string();
+    let started = Instant::now();
+    let outcome = run_once(&TrainerOptions {
+        data: DataSource::Simulator { rows: 594_643, seed: 42 },
+        model_store: store.clone(),
+        model_name: "payfraud".into(),
+        device: fraudstream::model::Device::Cpu,
+        target_precision: None,
+        force: false,
+        train: TrainConfig::default(),
+    })
+    .await
+    .unwrap();
+    let trainer_seconds = started.elapsed().as_secs_f64();
+    eprintln!("trainer: {trainer_seconds:.1} s");
+
+    // 1. Scorer vs relay on the same 1M-event stream.
+    let input = unique("bench-in");
+    ensure_topics(&kafka, &[&input], 4).await.unwrap();
+    let producer = create_producer(&kafka).unwrap();
+    let options = PublishOptions { topic: input.clone(), codec: CODEC, rate: None, stamp_event_time: true };
+    publish_payments(&producer, &options, Simulator::new(events, 7), |_| {}).await.unwrap();
+    let cache = dir.path().join("cache");
+    let mut relay_rates = Vec::new();
+    let mut scorer_rates = Vec::new();
+    for round in 0..2 {
+        for relay in [true, false] {
+            let rate =
+                drain_topic(scorer_config(&kafka, &input, &unique("bench-out"), &store, &cache, relay), events).await;
+            eprintln!("round {round}: {} {rate:.0} events/s", if relay { "relay " } else { "scorer" });
+            if relay {
+                relay_rates.push(rate)
+            } else {
+                scorer_rates.push(rate)
+            }
+        }
+    }
+    let relay_best = relay_rates.iter().copied().fold(0.0, f64::max);
+    let scorer_best = scorer_rates.iter().copied().fold(0.0, f64::max);
+
+    // 2. One synchronous HTTP :predict call per event, against the scorer's own API.
+    let scoring = ScoringService::start(1024, 64);
+    let version = ModelStore::open(&store).await.unwrap().latest_version().await.unwrap().unwrap();
+    let files = ModelStore::open(&store).await.unwrap().fetch(&version, &[MODEL_FILE], &cache).await.unwrap();
+    scoring.swap(Model::load(&files.dir, tch::Device::Cpu).unwrap()).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(
+        ApiState {
+            scoring: scoring.clone(),
+            model_name: "payfraud".into(),
+            pipeline: None,
+            prometheus: fraudstream::telemetry::prometheus(),
+        },
+        1 << 20,
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let model = Model::load(&files.dir, tch::Device::Cpu).unwrap();
+    let rows: Vec<Vec<f32>> = Simulator::new(http_calls, 9).map(|p| model.encoder().encode(&p).unwrap()).collect();
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/v1/models/payfraud:predict");
+    let started = Instant::now();
+    for row in &rows {
+        let body = serde_json::json!({ "instances": [row] }).to_string();
+        let response = client.post(&url).body(body).send().await.unwrap();
+        assert!(response.status().is_success());
+        response.bytes().await.unwrap();
+    }
+    let http_rate = rows.len() as f64 / started.elapsed().as_secs_f64();
+    eprintln!("per-event HTTP: {http_rate:.0} events/s");
+
+    // 3. Latency at fractions of the measured maximum.
+    let mut latency_rows = Vec::new();
+    for fraction in [0.25, 0.5, 0.75] {
+        let rate = scorer_best * fraction;
+        let (p50, p99) = latency_at(&kafka, &store, &cache, rate, 12.0).await;
+        eprintln!("latency at {rate:.0}/s: p50 {p50} ms, p99 {p99} ms");
+        latency_rows.push((fraction, rate, p50, p99));
+    }
+
+    // 4. Inference alone, simulator speed.
+    let mut inference_rows = Vec::new();
+    for batch in [1usize, 16, 256, 4096] {
+        let payments: Vec<_> = Simulator::new(batch as u64, 3).collect();
+        let mut features = Vec::new();
+        model.encoder().encode_all(&payments, &mut features).unwrap();
+        let calls = (400_000 / batch).clamp(50, 20_000);
+        for _ in 0..3 {
+            model.predict(&features, batch).unwrap();
+        }
+        let started = Instant::now();
+        for _ in 0..calls {
+            model.predict(&features, batch).unwrap();
+        }
+        let rate = (calls * batch) as f64 / started.elapsed().as_secs_f64();
+        inference_rows.push((batch, rate));
+    }
+    let mut sim = Simulator::new(3_000_000, 1);
+    let started = Instant::now();
+    let mut null = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create("/dev/null").unwrap());
+    sim.write_csv(&mut null).unwrap();
+    std::io::Write::flush(&mut null).unwrap();
+    let sim_rate = 3_000_000.0 / started.elapsed().as_secs_f64();
+
+    let h = &outcome.holdout;
+    out.push_str("## Headline ratios\n\n| comparison | result | target |\n|---|---|---|\n");
+    out.push_str(&format!(
+        "| scorer / no-op relay throughput | **{:.2}** ({scorer_best:.0} vs {relay_best:.0} events/s) | >= 0.8 |\n",
+        scorer_best / relay_best
+    ));
+    out.push_str(&format!("| scorer / one HTTP `:predict` call per event | **{:.0}x** ({scorer_best:.0} vs {http_rate:.0} events/s) | >= 50x |\n", scorer_best / http_rate));
+    out.push_str(&format!("| p99 latency at 50% of max rate | **{:.1} ms** | <= 25 ms |\n\n", latency_rows[1].3));
+    out.push_str(&format!("## Throughput ({events} events, 4 partitions, best of 2 alternating rounds)\n\n| pipeline | rounds (events/s) | best |\n|---|---|---|\n"));
+    out.push_str(&format!(
+        "| no-op relay (consume -> produce, same code) | {} | {relay_best:.0} |\n",
+        relay_rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+    ));
+    out.push_str(&format!(
+        "| scorer (decode, encode, score, produce) | {} | {scorer_best:.0} |\n",
+        scorer_rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+    ));
+    out.push_str(&format!("| original architecture: sequential HTTP `:predict`, 1 event per call ({http_calls} calls) | | {http_rate:.0} |\n\n"));
+    out.push_str("## End-to-end latency (event time to scored), 12 s at each rate, the first 2 s discarded as warm-up\n\n| share of max | rate (events/s) | p50 (ms) | p99 (ms) |\n|---|---|---|---|\n");
+    for (fraction, rate, p50, p99) in &latency_rows {
+        out.push_str(&format!("| {:.0}% | {rate:.0} | {p50:.1} | {p99:.1} |\n", fraction * 100.0));
+    }
+    out.push_str("\n## Inference alone (CPU, one intra-op thread, MLP 28-64-32-2 with its input layer)\n\n| batch | rows/s |\n|---|---|\n");
+    for (batch, rate) in &inference_rows {
+        out.push_str(&format!("| {batch} | {rate:.0} |\n"));
+    }
+    out.push_str(&format!(
+        "\n## Other\n\n| measure | result |\n|---|---|\n| trainer, 594,643 simulated rows (load, split, MLP + baseline, export, publish) | {trainer_seconds:.1} s |\n| holdout ROC-AUC / AP (MLP) | {:.4} / {:.4} |\n| holdout ROC-AUC / AP (logistic baseline) | {:.4} / {:.4} |\n| simulator to CSV on /dev/null (one thread) | {sim_rate:.0} rows/s |\n| peak RSS of the benchmark process (scorer + load generator) | {:.0} MiB |\n",
+        h.roc_auc, h.average_precision, outcome.baseline.roc_auc, outcome.baseline.average_precision, peak_rss_mib()
+    ));
+    println!("{out}");
+}
