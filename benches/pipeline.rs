@@ -67,7 +67,7 @@ fn scorer_config(
             input_codec: CODEC,
             output_codec: CODEC,
             max_batch: 1024,
-            max_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(2),
             max_in_flight: 100_000,
             drain_timeout: Duration::from_secs(30),
             relay,

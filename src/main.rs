@@ -115,7 +115,7 @@ struct ScoringArgs {
     #[arg(long, env = "FRAUDSTREAM_MAX_BATCH", default_value_t = 1024)]
     max_batch: usize,
     /// Longest an event waits for its batch to fill (e.g. `5ms`).
-    #[arg(long, env = "FRAUDSTREAM_MAX_DELAY", default_value = "5ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "FRAUDSTREAM_MAX_DELAY", default_value = "2ms", value_parser = humantime::parse_duration)]
     max_delay: Duration,
     /// Device to score on.
     #[arg(long, env = "FRAUDSTREAM_DEVICE", value_enum, default_value = "auto")]

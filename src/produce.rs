@@ -70,7 +70,7 @@ pub fn create_producer(kafka: &KafkaArgs) -> Result<FutureProducer, ProduceError
     kafka
         .client_config(&[
             ("enable.idempotence", "true"),
-            ("linger.ms", "5"),
+            ("linger.ms", "2"),
             ("compression.type", "lz4"),
             ("queue.buffering.max.messages", "500000"),
             ("message.timeout.ms", "60000"),

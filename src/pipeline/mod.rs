@@ -392,7 +392,7 @@ pub async fn run(
         .kafka
         .client_config(&[
             ("enable.idempotence", "true"),
-            ("linger.ms", "2"),
+            ("linger.ms", "1"),
             ("compression.type", "lz4"),
             // Retry until delivered: an undeliverable output must never let its input be committed.
             ("message.timeout.ms", "0"),

@@ -6,8 +6,9 @@ use std::io::BufReader;
 
 use crate::payment::BankSimReader;
 use crate::{Payment, Simulator};
-use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
+
+use super::{Result, TrainingError};
 
 /// Where the labelled data comes from.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,29 +43,36 @@ pub async fn load(source: &DataSource) -> Result<Vec<Payment>> {
         }
         DataSource::Csv(location) => {
             let bytes: Box<dyn std::io::Read> = if let Some(rest) = location.strip_prefix("s3://") {
+                let data_err = |message: String| TrainingError::Data { location: location.clone(), message };
                 let (bucket, key) = rest
                     .split_once('/')
                     .filter(|(b, k)| !b.is_empty() && !k.is_empty())
-                    .with_context(|| format!("--data {location:?}: expected s3://bucket/key"))?;
+                    .ok_or_else(|| data_err("expected s3://bucket/key".into()))?;
                 let client = crate::model::s3_client().await;
                 let object = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot read training data {location}: {} (check AWS_ENDPOINT_URL and the AWS credentials)",
+                    data_err(format!(
+                        "cannot read it from S3: {} (check AWS_ENDPOINT_URL and the AWS credentials)",
                         aws_sdk_s3::error::DisplayErrorContext(e)
-                    )
+                    ))
                 })?;
-                let data = object.body.collect().await.with_context(|| format!("reading {location}"))?;
+                let data = object.body.collect().await.map_err(|e| data_err(format!("reading from S3: {e}")))?;
                 Box::new(std::io::Cursor::new(data.into_bytes()))
             } else {
-                Box::new(std::fs::File::open(location).with_context(|| format!("opening training data {location}"))?)
+                Box::new(std::fs::File::open(location).map_err(|e| TrainingError::Data {
+                    location: location.clone(),
+                    message: format!("cannot open it: {e}"),
+                })?)
             };
-            let reader = BankSimReader::new(BufReader::with_capacity(1 << 20, bytes))
-                .with_context(|| format!("reading training data {location}"))?;
+            let csv_err = |error| TrainingError::Csv { location: location.clone(), error };
+            let reader = BankSimReader::new(BufReader::with_capacity(1 << 20, bytes)).map_err(csv_err)?;
             let mut payments = Vec::new();
             for row in reader {
-                let payment = row.with_context(|| format!("training data {location}"))?;
+                let payment = row.map_err(csv_err)?;
                 if payment.fraud.is_none() {
-                    bail!("training data {location}: payment {} has no fraud label", payment.payment_id);
+                    return Err(TrainingError::Data {
+                        location: location.clone(),
+                        message: format!("payment {} has no fraud label (column `fraud`)", payment.payment_id),
+                    });
                 }
                 payments.push(payment);
                 bar.inc(1);
@@ -74,7 +82,7 @@ pub async fn load(source: &DataSource) -> Result<Vec<Payment>> {
     };
     bar.finish_and_clear();
     if payments.is_empty() {
-        bail!("training data {source} holds no payments");
+        return Err(TrainingError::Data { location: source.to_string(), message: "holds no payments".into() });
     }
     Ok(payments)
 }
@@ -105,10 +113,10 @@ impl TimeSplit {
         for (name, set) in [("train", &split.train), ("validation", &split.validation), ("holdout", &split.holdout)] {
             let frauds = set.iter().filter(|p| p.fraud == Some(true)).count();
             if set.is_empty() || frauds == 0 {
-                bail!(
+                return Err(TrainingError::Invalid(format!(
                     "the {name} set has {} payments and {frauds} frauds; the data is too small or spans too few steps to split by time",
                     set.len()
-                );
+                )));
             }
         }
         Ok(split)

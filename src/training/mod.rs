@@ -16,12 +16,43 @@ use crate::model::{
     OUTPUT_NAME,
 };
 use crate::{FeatureEncoder, FeatureSpec, Payment};
-use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::training::data::{DataSource, TimeSplit};
 use crate::training::evaluate::{choose_threshold, Evaluation};
 use crate::training::train::{Architecture, TrainConfig};
+
+/// Why a training run failed: each names the input or the step, and the
+/// underlying error says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainingError {
+    #[error("training data {location}: {message}")]
+    Data { location: String, message: String },
+    #[error("training data {location}: {error}")]
+    Csv { location: String, error: crate::payment::CsvError },
+    #[error("encoding the {set} set: {error}")]
+    Encode { set: &'static str, error: crate::features::EncodeError },
+    #[error("{step}: {error}")]
+    Torch { step: String, error: tch::TchError },
+    #[error("{step}: {error}")]
+    Model { step: String, error: crate::model::ModelError },
+    #[error("{step}: {error}")]
+    Io { step: String, error: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] crate::model::StoreError),
+    #[error("drawing the report: {0}")]
+    Report(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Results of training steps.
+pub type Result<T, E = TrainingError> = std::result::Result<T, E>;
+
+fn model_err(step: impl Into<String>) -> impl FnOnce(crate::model::ModelError) -> TrainingError {
+    let step = step.into();
+    move |error| TrainingError::Model { step, error }
+}
 
 /// Everything one training run needs.
 #[derive(Debug, Clone)]
@@ -50,9 +81,9 @@ pub struct RunOutcome {
     pub training_seconds: f64,
 }
 
-fn encode(encoder: &FeatureEncoder, payments: &[Payment], set: &str) -> Result<Vec<f32>> {
+fn encode(encoder: &FeatureEncoder, payments: &[Payment], set: &'static str) -> Result<Vec<f32>> {
     let mut features = Vec::with_capacity(payments.len() * encoder.width());
-    encoder.encode_all(payments, &mut features).with_context(|| format!("encoding the {set} set"))?;
+    encoder.encode_all(payments, &mut features).map_err(|error| TrainingError::Encode { set, error })?;
     Ok(features)
 }
 
@@ -65,7 +96,7 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
     let started = Instant::now();
     // Open the store first: a wrong URL or unreachable S3 fails before any training.
     let store = ModelStore::open(&options.model_store).await?;
-    let latest = store.latest_version().await.context("looking up the current champion")?;
+    let latest = store.latest_version().await?;
 
     let payments = data::load(&options.data).await?;
     let summary = TrainingDataSummary {
@@ -84,7 +115,7 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
     let (train_y, val_y, hold_y) =
         (data::labels(&split.train), data::labels(&split.validation), data::labels(&split.holdout));
 
-    let device = options.device.resolve()?;
+    let device = options.device.resolve().map_err(model_err("choosing the training device"))?;
     tracing::info!(
         rows = summary.rows,
         frauds = summary.frauds,
@@ -127,7 +158,8 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
     let baseline_scores = baseline.score(&hold_x);
     let baseline_eval = Evaluation::new(&baseline_scores, &hold_y, base_threshold);
 
-    let work = tempfile::tempdir().context("creating a temporary folder")?;
+    let work =
+        tempfile::tempdir().map_err(|error| TrainingError::Io { step: "creating a temporary folder".into(), error })?;
     let model_path = work.path().join(MODEL_FILE);
     mlp.export(&model_path)?;
 
@@ -136,10 +168,10 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         None => None,
         Some(version) => {
             let files = store.fetch(version, &[MODEL_FILE], work.path()).await?;
-            let champion = Model::load(&files.dir, device).with_context(|| format!("loading champion {version}"))?;
+            let champion = Model::load(&files.dir, device).map_err(model_err(format!("loading champion {version}")))?;
             let scores = champion
                 .score_payments(&split.holdout)
-                .with_context(|| format!("re-scoring the holdout with champion {version}"))?;
+                .map_err(|e| TrainingError::Invalid(format!("re-scoring the holdout with champion {version}: {e}")))?;
             Some((version.clone(), Evaluation::new(&scores, &hold_y, champion.manifest().threshold)))
         }
     };
@@ -167,12 +199,16 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
 
     // What we publish must be what we measured: load the exported file the
     // way the scorer will and compare its scores with the trainer's.
-    let exported =
-        Model::from_module_file(&model_path, manifest.clone(), device).context("reloading the exported model")?;
-    let reloaded = exported.score_payments(&split.holdout)?;
+    let exported = Model::from_module_file(&model_path, manifest.clone(), device)
+        .map_err(model_err("reloading the exported model"))?;
+    let reloaded = exported
+        .score_payments(&split.holdout)
+        .map_err(|e| TrainingError::Invalid(format!("scoring the holdout with the exported model: {e}")))?;
     let drift = reloaded.iter().zip(&model_scores).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     if drift > 1e-4 {
-        bail!("the exported TorchScript model scores differ from the trained model by {drift}; not publishing");
+        return Err(TrainingError::Invalid(format!(
+            "the exported TorchScript model scores differ from the trained model by {drift}; not publishing"
+        )));
     }
 
     let (publish, verdict) = match &champion {
@@ -201,8 +237,10 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
     };
 
     if publish {
-        let mut files: Vec<(&str, Vec<u8>)> = vec![(MODEL_FILE, std::fs::read(&model_path)?)];
-        files.push(("metrics.json", serde_json::to_vec_pretty(&metrics)?));
+        let model_bytes = std::fs::read(&model_path)
+            .map_err(|error| TrainingError::Io { step: format!("reading {}", model_path.display()), error })?;
+        let mut files: Vec<(&str, Vec<u8>)> = vec![(MODEL_FILE, model_bytes)];
+        files.push(("metrics.json", serde_json::to_vec_pretty(&metrics).expect("metrics serialise")));
         files.extend(report::render(&report::ReportInput {
             title: format!("{} version {version}", options.model_name),
             summary_lines: vec![

@@ -1,17 +1,17 @@
 //! The human report of a training run: a Markdown page with SVG plots (PR
 //! curve, ROC curve, score histograms), drawn with plotters.
 
-use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
 use crate::training::evaluate::{curves, Evaluation};
 use crate::training::train::EpochLog;
+use crate::training::{Result, TrainingError};
 
 /// Files of a report: name and contents.
 pub type ReportFiles = Vec<(&'static str, Vec<u8>)>;
 
-fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("drawing the report: {e}")
+fn plot_err<E: std::fmt::Display>(e: E) -> TrainingError {
+    TrainingError::Report(e.to_string())
 }
 
 /// A named line of a chart.

@@ -8,7 +8,6 @@
 //! The layer is part of the exported TorchScript graph, so serving sees the
 //! original 28 features and nothing can drift.
 
-use anyhow::{Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -16,6 +15,7 @@ use tch::nn::{self, Module, OptimizerConfig};
 use tch::{CModule, Device, Kind, Reduction, Tensor};
 
 use crate::training::evaluate;
+use crate::training::{Result, TrainingError};
 
 /// The two model shapes we train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,8 +124,11 @@ impl Classifier {
         let module = CModule::create_by_tracing("FraudModel", "forward", &[example], &mut |inputs| {
             vec![self.probabilities(&inputs[0])]
         })
-        .context("tracing the model to TorchScript")?;
-        module.save(path).with_context(|| format!("saving TorchScript to {}", path.display()))?;
+        .map_err(|error| TrainingError::Torch { step: "tracing the model to TorchScript".into(), error })?;
+        module.save(path).map_err(|error| TrainingError::Torch {
+            step: format!("saving TorchScript to {}", path.display()),
+            error,
+        })?;
         Ok(())
     }
 
@@ -158,7 +161,9 @@ pub fn train(
     tch::manual_seed(config.seed as i64);
     let (features, labels) = train;
     let rows = labels.len();
-    anyhow::ensure!(rows > 0 && features.len() == rows * width, "training set is empty or misshapen");
+    if rows == 0 || features.len() != rows * width {
+        return Err(TrainingError::Invalid("the training set is empty or misshapen".into()));
+    }
 
     // Constants of the fixed input layer, from the training set only.
     let scaling = scaling_for(features, width);
@@ -171,7 +176,9 @@ pub fn train(
     // precision from collapsing while still lifting the rare class.
     let fraud_weight = ((rows as f64 - positives) / positives).sqrt();
     let class_weights = Tensor::from_slice(&[1.0f32, fraud_weight as f32]).to_device(device);
-    let mut optimizer = nn::Adam::default().build(&model.vs, config.learning_rate)?;
+    let mut optimizer = nn::Adam::default()
+        .build(&model.vs, config.learning_rate)
+        .map_err(|error| TrainingError::Torch { step: "creating the optimizer".into(), error })?;
 
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let mut order: Vec<i64> = (0..rows as i64).collect();

@@ -152,3 +152,46 @@ impl OutputText for Command {
         run(self)
     }
 }
+
+/// Labelled data read from S3 (`--data s3://bucket/key`), and `--every`
+/// retraining on a schedule until stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trains_from_s3_data_and_retrains_on_a_schedule() {
+    let store = store_url();
+    let bucket = env("FRAUDSTREAM_TEST_BUCKET");
+    let key = format!("data-{}/banksim.csv", fastrand());
+    let csv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/banksim/bs140513_100_customers.csv");
+    let s3 = fraudstream::model::s3_client().await;
+    s3.put_object()
+        .bucket(&bucket)
+        .key(&key)
+        .body(std::fs::read(&csv).expect("shared/banksim beside the checkout").into())
+        .send()
+        .await
+        .unwrap();
+    let data = format!("s3://{bucket}/{key}");
+    let (ok, out) = trainer(&["--data", &data, "--max-epochs", "3", "--model-store", &store]).output_text();
+    assert!(ok && out.contains("PUBLISHED"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let version = versions(&store).await.pop().unwrap();
+    let fetched = ModelStore::open(&store).await.unwrap().fetch(&version, &[MODEL_FILE], dir.path()).await.unwrap();
+    assert_eq!((fetched.manifest.training_data.rows, fetched.manifest.training_data.frauds), (15_534, 92));
+    assert_eq!(fetched.manifest.training_data.source, data);
+
+    // --every: runs at once, then again after each interval, until stopped.
+    let schedule_store = store_url();
+    let mut child =
+        trainer(&["--simulate", "20000", "--max-epochs", "2", "--every", "1s", "--model-store", &schedule_store])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while versions(&schedule_store).await.len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(child.try_wait().unwrap().is_none(), "--every must keep running");
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(versions(&schedule_store).await.len() >= 2, "no second scheduled run within 60 s");
+}
