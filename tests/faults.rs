@@ -125,46 +125,12 @@ fn records(payments: &[Payment]) -> Vec<(String, Vec<u8>)> {
 }
 
 async fn read_ids(kafka: &KafkaArgs, topic: &str, want: usize, idle: Duration) -> (usize, HashSet<String>) {
-    let messages = read_from(kafka, topic, idle, |m| m.len() >= want && ids_of(m).len() >= want).await;
+    let messages = common::read_topic(kafka, topic, idle, |m| m.len() >= want && ids_of(m).len() >= want).await;
     (messages.len(), ids_of(&messages))
 }
 
 fn ids_of(messages: &[OwnedMessage]) -> HashSet<String> {
     messages.iter().filter_map(|m| CODEC.decode_scored(m.payload()?).ok()).map(|s| s.payment.payment_id).collect()
-}
-
-async fn read_from(
-    kafka: &KafkaArgs,
-    topic: &str,
-    idle: Duration,
-    mut until: impl FnMut(&[OwnedMessage]) -> bool,
-) -> Vec<OwnedMessage> {
-    use futures::StreamExt;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-    let group = common::unique("reader");
-    let consumer: StreamConsumer = kafka
-        .client_config(&[("group.id", &group), ("enable.auto.commit", "false"), ("auto.offset.reset", "earliest")])
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
-    let mut stream = consumer.stream();
-    let mut checked = 0;
-    loop {
-        // `until` may be costly: check it every thousand messages and when idle.
-        if out.len() >= checked + 1000 || out.is_empty() {
-            checked = out.len();
-            if until(&out) {
-                break;
-            }
-        }
-        match tokio::time::timeout(idle, stream.next()).await {
-            Ok(Some(Ok(m))) => out.push(m.detach()),
-            Ok(Some(Err(e))) => panic!("reading {topic}: {e}"),
-            _ => break,
-        }
-    }
-    out
 }
 
 fn assert_nothing_lost(sent: &[Payment], outputs: usize, seen: &HashSet<String>, scenario: &str) {
@@ -258,7 +224,7 @@ async fn malformed_events_go_to_the_dlq_and_the_process_lives() {
     common::publish(&producer, &topic, &all).await;
     let mut scorer = Scorer::spawn(&kafka, &topic, &store, &common::unique("group"), dir.path(), &[]);
     let (outputs, seen) = read_ids(&kafka, &format!("{topic}-out"), good.len(), Duration::from_secs(30)).await;
-    let dlq = read_from(&kafka, &format!("{topic}-dlq"), Duration::from_secs(10), |m| m.len() >= 10_000).await;
+    let dlq = common::read_topic(&kafka, &format!("{topic}-dlq"), Duration::from_secs(10), |m| m.len() >= 10_000).await;
     assert!(scorer.alive(), "the scorer died on bad input:\n{}", scorer.log());
     assert_nothing_lost(&good, outputs, &seen, "malformed mix");
     assert_eq!(dlq.len(), 10_000);
@@ -355,7 +321,8 @@ async fn corrupt_model_versions_are_rejected_and_the_old_model_serves() {
     let sent = payments(2_000, 24);
     let producer: rdkafka::producer::FutureProducer = kafka.client_config(&[]).create().unwrap();
     common::publish(&producer, &topic, &records(&sent)).await;
-    let outputs = read_from(&kafka, &format!("{topic}-out"), Duration::from_secs(20), |m| m.len() >= 2_000).await;
+    let outputs =
+        common::read_topic(&kafka, &format!("{topic}-out"), Duration::from_secs(20), |m| m.len() >= 2_000).await;
     assert_eq!(outputs.len(), 2_000);
     assert!(outputs
         .iter()

@@ -133,12 +133,12 @@ async fn every_valid_payment_scored_once_every_invalid_one_dead_lettered() {
 
     let cache = tempfile::tempdir().unwrap();
     let scorer = start(config(&topics, &store, &common::unique("group"), cache.path()));
-    common::read_topic(&topics.output, Duration::from_secs(30), |m| m.len() >= 19_000).await;
-    let dlq = common::read_topic(&topics.dlq, Duration::from_secs(10), |m| m.len() >= 1_000).await;
+    common::read_topic(&common::kafka(), &topics.output, Duration::from_secs(30), |m| m.len() >= 19_000).await;
+    let dlq = common::read_topic(&common::kafka(), &topics.dlq, Duration::from_secs(10), |m| m.len() >= 1_000).await;
     // Nothing more arrives: exactly one output per valid input.
     tokio::time::sleep(Duration::from_secs(2)).await;
     scorer.stop().await;
-    let out = common::read_topic(&topics.output, Duration::from_secs(5), |m| m.len() > 19_000).await;
+    let out = common::read_topic(&common::kafka(), &topics.output, Duration::from_secs(5), |m| m.len() > 19_000).await;
 
     let scored = decode_all(&out);
     let ids: HashSet<&str> = scored.iter().map(|s| s.payment.payment_id.as_str()).collect();
@@ -232,7 +232,7 @@ async fn model_swap_and_restart_mid_stream_lose_nothing() {
     common::publish(&producer, &topics.input, &encoded(waves[2])).await;
 
     let all: HashSet<&str> = payments.iter().map(|p| p.payment_id.as_str()).collect();
-    let out = common::read_topic(&topics.output, Duration::from_secs(30), |m| {
+    let out = common::read_topic(&common::kafka(), &topics.output, Duration::from_secs(30), |m| {
         m.len() >= 30_000
             && decode_all(m).iter().map(|s| s.payment.payment_id.clone()).collect::<HashSet<_>>().len() >= 30_000
     })

@@ -85,8 +85,10 @@ pub async fn publish(producer: &rdkafka::producer::FutureProducer, topic: &str, 
 }
 
 /// Reads a topic from the beginning until `until` says stop or nothing new
-/// arrives for `idle`.
+/// arrives for `idle`. `until` may be costly, so it is asked every thousand
+/// messages and when the topic goes quiet.
 pub async fn read_topic(
+    kafka: &KafkaArgs,
     topic: &str,
     idle: std::time::Duration,
     mut until: impl FnMut(&[rdkafka::message::OwnedMessage]) -> bool,
@@ -94,20 +96,25 @@ pub async fn read_topic(
     use futures::StreamExt;
     use rdkafka::consumer::{Consumer, StreamConsumer};
     let group = unique("reader");
-    let consumer: StreamConsumer = kafka()
+    let consumer: StreamConsumer = kafka
         .client_config(&[("group.id", &group), ("enable.auto.commit", "false"), ("auto.offset.reset", "earliest")])
         .create()
         .expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let mut out = Vec::new();
-    {
-        let mut stream = consumer.stream();
-        while !until(&out) {
-            match tokio::time::timeout(idle, stream.next()).await {
-                Ok(Some(Ok(m))) => out.push(m.detach()),
-                Ok(Some(Err(e))) => panic!("reading {topic}: {e}"),
-                _ => break,
+    let mut checked = 0;
+    let mut stream = consumer.stream();
+    loop {
+        if out.is_empty() || out.len() >= checked + 1000 {
+            checked = out.len();
+            if until(&out) {
+                break;
             }
+        }
+        match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(Ok(m))) => out.push(m.detach()),
+            Ok(Some(Err(e))) => panic!("reading {topic}: {e}"),
+            _ => break,
         }
     }
     out
