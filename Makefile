@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR ?= $(FRAUDSTREAM_CACHE)/target
 CARGO_FEATURES := $(if $(filter cuda,$(LIBTORCH_VARIANT)),--features cuda,)
 BIN := $(CARGO_TARGET_DIR)/release
 
-.PHONY: demo test build libtorch services-start services-stop lint bench
+.PHONY: demo test build libtorch services-start services-stop lint bench faults
 
 ## demo: build, then run the whole pipeline in one process on embedded defaults
 demo: build
@@ -35,3 +35,11 @@ services-stop:
 lint: libtorch
 	cargo fmt --all --check
 	cargo clippy --release --workspace --all-targets $(CARGO_FEATURES) -- -D warnings
+
+## bench: side-by-side benchmarks against the real broker; writes docs/benchmarks.md
+bench: libtorch
+	scripts/bench
+
+## faults: only the fault-injection suite (also part of `make test`)
+faults: libtorch
+	scripts/test faults
