@@ -65,10 +65,6 @@ impl Codec {
         Self { format, schema_id }
     }
 
-    pub fn format(&self) -> WireFormat {
-        self.format
-    }
-
     pub fn encode_payment(&self, payment: &Payment) -> Result<Vec<u8>, CodecError> {
         self.encode(payment, &PAYMENT_SCHEMA, "Payment")
     }

@@ -95,10 +95,6 @@ impl FeatureEncoder {
         Self { spec, amount_scale }
     }
 
-    pub fn spec(&self) -> &FeatureSpec {
-        &self.spec
-    }
-
     pub fn width(&self) -> usize {
         self.spec.width()
     }

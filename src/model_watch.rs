@@ -47,11 +47,6 @@ impl ModelWatcher {
         Self { config, store: None, scoring, serving: None, rejected: HashSet::new() }
     }
 
-    /// The version now serving.
-    pub fn serving(&self) -> Option<&str> {
-        self.serving.as_deref()
-    }
-
     async fn store(&mut self) -> Result<&ModelStore, crate::model::StoreError> {
         if self.store.is_none() {
             self.store = Some(ModelStore::open(&self.config.store).await?);

@@ -22,7 +22,7 @@
 mod offsets;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -70,17 +70,12 @@ pub struct PipelineConfig {
 #[derive(Debug, Default)]
 pub struct PipelineState {
     assigned: Mutex<HashSet<(String, i32)>>,
-    running: AtomicBool,
 }
 
 impl PipelineState {
     /// Partitions this member owns now.
     pub fn assigned_partitions(&self) -> usize {
         self.assigned.lock().expect("assignment lock").len()
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.running.load(Ordering::Relaxed)
     }
 }
 
@@ -420,7 +415,6 @@ pub async fn run(
     );
     let _ = shared.consumer.set(Arc::downgrade(&consumer));
     consumer.subscribe(&[&config.input_topic]).map_err(kafka_err)?;
-    state.running.store(true, Ordering::Relaxed);
     tracing::info!(topic = %config.input_topic, group = %config.group_id, "consuming");
 
     // batcher: events -> micro-batches -> scoring service; emitter: scores -> topics.
@@ -546,7 +540,6 @@ pub async fn run(
     // leaves the group as it closes.
     drop(emitter);
     drop(consumer);
-    state.running.store(false, Ordering::Relaxed);
     state.assigned.lock().expect("assignment lock").clear();
     tracing::info!("pipeline stopped");
     Ok(())
