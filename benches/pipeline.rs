@@ -109,6 +109,45 @@ async fn drain_topic(config: ScorerConfig, events: u64) -> f64 {
     events as f64 / seconds
 }
 
+/// Runs the `fraudstream score` binary over the whole input topic and reads
+/// its peak resident set size (VmHWM) before stopping it.
+async fn scorer_process_peak_rss(kafka: &KafkaArgs, input: &str, store: &str, events: u64) -> f64 {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let output = unique("rss-out");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fraudstream"))
+        .args(["score", "--brokers", &kafka.brokers, "--input-topic", input, "--output-topic", &output])
+        .args(["--group-id", &unique("rss"), "--model-store", store, "--device", "cpu"])
+        .args(["--http-addr", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn fraudstream score");
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let done = match reqwest::get(&metrics).await {
+            Ok(r) => r.text().await.unwrap_or_default().lines().any(|l| {
+                l.starts_with("fraudstream_events_out_total")
+                    && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v >= events as f64)
+            }),
+            Err(_) => false,
+        };
+        if done || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted.get(((sorted.len().max(1) - 1) as f64 * q).round() as usize).copied().unwrap_or(f64::NAN)
 }
@@ -215,6 +254,10 @@ async fn main() {
     let relay_best = relay_rates.iter().copied().fold(0.0, f64::max);
     let scorer_best = scorer_rates.iter().copied().fold(0.0, f64::max);
 
+    // Peak RSS of the real `fraudstream score` process over the same stream.
+    let scorer_rss = scorer_process_peak_rss(&kafka, &input, &store, events).await;
+    eprintln!("scorer process peak RSS: {scorer_rss:.0} MiB");
+
     // 2. One synchronous HTTP :predict call per event, against the scorer's own API.
     let scoring = ScoringService::start(1024, 64);
     let version = ModelStore::open(&store).await.unwrap().latest_version().await.unwrap().unwrap();
@@ -306,7 +349,7 @@ async fn main() {
         out.push_str(&format!("| {batch} | {rate:.0} |\n"));
     }
     out.push_str(&format!(
-        "\n## Other\n\n| measure | result |\n|---|---|\n| trainer, 594,643 simulated rows (load, split, MLP + baseline, export, publish) | {trainer_seconds:.1} s |\n| holdout ROC-AUC / AP (MLP) | {:.4} / {:.4} |\n| holdout ROC-AUC / AP (logistic baseline) | {:.4} / {:.4} |\n| simulator to CSV on /dev/null (one thread) | {sim_rate:.0} rows/s |\n| peak RSS of the benchmark process (scorer + load generator) | {:.0} MiB |\n",
+        "\n## Other\n\n| measure | result |\n|---|---|\n| trainer, 594,643 simulated rows (load, split, MLP + baseline, export, publish) | {trainer_seconds:.1} s |\n| holdout ROC-AUC / AP (MLP) | {:.4} / {:.4} |\n| holdout ROC-AUC / AP (logistic baseline) | {:.4} / {:.4} |\n| simulator to CSV on /dev/null (one thread) | {sim_rate:.0} rows/s |\n| peak RSS of the `fraudstream score` process over the {events}-event stream | {scorer_rss:.0} MiB |\n| peak RSS of the benchmark process (in-process scorer + load generator) | {:.0} MiB |\n",
         h.roc_auc, h.average_precision, outcome.baseline.roc_auc, outcome.baseline.average_precision, peak_rss_mib()
     ));
     println!("{out}");
