@@ -29,8 +29,8 @@ pub mod metric {
     pub const EVENTS_OUT: &str = "fraudstream_events_out_total";
     /// Counter, label `reason`: events sent to the dead-letter topic.
     pub const EVENTS_DEAD_LETTERED: &str = "fraudstream_events_dead_lettered_total";
-    /// Counter: failed output deliveries that were retried.
-    pub const DELIVERY_RETRIES: &str = "fraudstream_delivery_retries_total";
+    /// Counter: output deliveries that failed permanently (their inputs stay uncommitted and are re-delivered after a restart).
+    pub const DELIVERY_FAILURES: &str = "fraudstream_delivery_failures_total";
     /// Histogram: rows per forward pass.
     pub const BATCH_SIZE: &str = "fraudstream_batch_size";
     /// Histogram, seconds: one forward pass (encoding included).

@@ -230,7 +230,7 @@ impl ProducerContext for DeliveryHooks {
                     error = %e,
                     "output delivery failed permanently; its input offset will not be committed"
                 );
-                metrics::counter!(metric::DELIVERY_RETRIES).increment(1);
+                metrics::counter!(metric::DELIVERY_FAILURES).increment(1);
                 self.0.in_flight.add_permits(1);
             }
         }
@@ -277,9 +277,19 @@ impl Emitter {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err((e, back)) => {
-                    tracing::error!(topic, error = %e, "cannot enqueue record; retrying");
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Not retriable (e.g. a record over message.max.bytes). The input
+                    // offset stays uncommitted, so the event is re-delivered after a
+                    // restart instead of being lost; its slot is freed.
+                    tracing::error!(
+                        topic,
+                        partition = back.delivery_opaque.partition,
+                        offset = back.delivery_opaque.offset,
+                        error = %e,
+                        "cannot enqueue record; its input offset will not be committed"
+                    );
+                    metrics::counter!(metric::DELIVERY_FAILURES).increment(1);
+                    self.producer.context().0.in_flight.add_permits(1);
+                    return;
                 }
             }
         }
