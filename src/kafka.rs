@@ -18,8 +18,9 @@ pub struct KafkaArgs {
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
     /// Any librdkafka property, e.g. `-X security.protocol=SASL_SSL`; repeatable.
-    /// Applied last, so it overrides fraudstream's own settings.
-    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
+    /// Applied last, so it overrides fraudstream's own settings. From the
+    /// environment: `KAFKA_PROPERTIES="k1=v1;k2=v2"`.
+    #[arg(short = 'X', value_name = "KEY=VALUE", env = "KAFKA_PROPERTIES", value_delimiter = ';', value_parser = parse_property)]
     pub property: Vec<(String, String)>,
 }
 

@@ -101,7 +101,7 @@ struct ScoreArgs {
     #[arg(long, env = "FRAUDSTREAM_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
     /// Benchmark baseline: forward input events unchanged to the output topic, no decoding or scoring.
-    #[arg(long)]
+    #[arg(long, env = "FRAUDSTREAM_RELAY")]
     relay: bool,
     /// Partitions for the output and dead-letter topics if they must be created (0: never create topics).
     #[arg(long, env = "FRAUDSTREAM_TOPIC_PARTITIONS", default_value_t = 4)]
@@ -137,47 +137,47 @@ struct DemoArgs {
     #[arg(long, env = "FRAUDSTREAM_MODEL_STORE")]
     model_store: Option<String>,
     /// Simulated labelled payments to train on.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 200_000, env = "FRAUDSTREAM_TRAIN_ROWS")]
     train_rows: u64,
     /// Simulated live payments to stream through the scorer.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, env = "FRAUDSTREAM_EVENTS")]
     events: u64,
     /// Target rate of live payments per second (default: as fast as possible).
-    #[arg(long)]
+    #[arg(long, env = "FRAUDSTREAM_RATE")]
     rate: Option<f64>,
     /// Partitions of the demo topics.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, env = "FRAUDSTREAM_PARTITIONS")]
     partitions: i32,
     /// Seed of the simulated history and traffic.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = 42, env = "FRAUDSTREAM_SEED")]
     seed: u64,
     #[command(flatten)]
     scoring: ScoringArgs,
     /// Also serve the REST API and metrics here during the demo (e.g. 127.0.0.1:8501).
-    #[arg(long)]
+    #[arg(long, env = "FRAUDSTREAM_HTTP_ADDR")]
     http_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
 struct SimulateArgs {
     /// Number of payments to write (the original data set has 594,643).
-    #[arg(long, default_value_t = 594_643)]
+    #[arg(long, default_value_t = 594_643, env = "FRAUDSTREAM_ROWS")]
     rows: u64,
     /// Random seed; the same seed gives the same payments.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = 42, env = "FRAUDSTREAM_SEED")]
     seed: u64,
     /// Output file (default: stdout).
-    #[arg(long, short)]
+    #[arg(long, short, env = "FRAUDSTREAM_OUTPUT")]
     output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 struct EncodeArgs {
     /// Smallest training amount (the model's `amount_min`).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, env = "FRAUDSTREAM_AMOUNT_MIN")]
     amount_min: f64,
     /// Largest training amount (the model's `amount_max`).
-    #[arg(long, default_value_t = 8329.96)]
+    #[arg(long, default_value_t = 8329.96, env = "FRAUDSTREAM_AMOUNT_MAX")]
     amount_max: f64,
 }
 
@@ -207,22 +207,22 @@ struct ProduceArgs {
     #[arg(long, env = "FRAUDSTREAM_INPUT_TOPIC", default_value = "payments")]
     topic: String,
     /// Publish the rows of this BankSim CSV file.
-    #[arg(long, conflicts_with = "simulate", required_unless_present = "simulate")]
+    #[arg(long, conflicts_with = "simulate", required_unless_present = "simulate", env = "FRAUDSTREAM_CSV")]
     csv: Option<PathBuf>,
     /// Publish this many simulated payments.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "FRAUDSTREAM_SIMULATE")]
     simulate: Option<u64>,
     /// Simulator seed.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = 42, env = "FRAUDSTREAM_SEED")]
     seed: u64,
     /// Target rate in events per second (default: as fast as the broker takes them).
-    #[arg(long, value_name = "EVENTS_PER_S")]
+    #[arg(long, value_name = "EVENTS_PER_S", env = "FRAUDSTREAM_RATE")]
     rate: Option<f64>,
     /// Keep the source's event times instead of stamping the send time.
-    #[arg(long)]
+    #[arg(long, env = "FRAUDSTREAM_KEEP_EVENT_TIME")]
     keep_event_time: bool,
     /// Partitions for the topic if it has to be created.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, env = "FRAUDSTREAM_PARTITIONS")]
     partitions: i32,
 }
 
@@ -233,25 +233,25 @@ struct ConsumeArgs {
     #[command(flatten)]
     wire: WireArgs,
     /// Topic to read.
-    #[arg(long, default_value = "payments-scored")]
+    #[arg(long, default_value = "payments-scored", env = "FRAUDSTREAM_TOPIC")]
     topic: String,
     /// Record type on the topic.
-    #[arg(long, value_enum, default_value = "scored")]
+    #[arg(long, value_enum, default_value = "scored", env = "FRAUDSTREAM_KIND")]
     kind: EventKind,
     /// Only new events (default: from the beginning of the topic).
-    #[arg(long)]
+    #[arg(long, env = "FRAUDSTREAM_LATEST")]
     latest: bool,
     /// Print only scored payments at or above this fraud probability.
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", env = "FRAUDSTREAM_MIN_PROBABILITY")]
     min_probability: Option<f64>,
     /// Print only scored payments flagged as fraud at the model's threshold.
-    #[arg(long)]
+    #[arg(long, env = "FRAUDSTREAM_FRAUDS_ONLY")]
     frauds_only: bool,
     /// Stop after printing N events.
-    #[arg(long, short = 'n', value_name = "N")]
+    #[arg(long, short = 'n', value_name = "N", env = "FRAUDSTREAM_MAX")]
     max: Option<u64>,
     /// Stop when nothing arrives for this long (e.g. `5s`; default: wait forever).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration, env = "FRAUDSTREAM_IDLE_TIMEOUT")]
     idle_timeout: Option<Duration>,
 }
 

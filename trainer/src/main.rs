@@ -20,7 +20,7 @@ struct Cli {
     #[arg(long, env = "FRAUDSTREAM_TRAIN_DATA", conflicts_with = "simulate", required_unless_present = "simulate")]
     data: Option<String>,
     /// Train on N simulated payments instead of a file.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "FRAUDSTREAM_SIMULATE")]
     simulate: Option<u64>,
     /// Simulator seed; also seeds weight initialisation and shuffling.
     #[arg(long, env = "FRAUDSTREAM_SEED", default_value_t = 42)]
@@ -38,22 +38,22 @@ struct Cli {
     #[arg(long, env = "FRAUDSTREAM_THREADS", default_value_t = 1)]
     threads: i32,
     /// Choose the decision threshold as the lowest reaching this precision on validation (default: best F1).
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", env = "FRAUDSTREAM_TARGET_PRECISION")]
     target_precision: Option<f64>,
     /// Publish even if the current champion scores a better holdout AP.
-    #[arg(long)]
+    #[arg(long, env = "FRAUDSTREAM_FORCE")]
     force: bool,
     /// Keep running and retrain at this interval (e.g. `6h`); default: one run, then exit.
     #[arg(long, env = "FRAUDSTREAM_TRAIN_EVERY", value_parser = humantime::parse_duration)]
     every: Option<Duration>,
     /// Most training epochs (early stopping usually ends sooner).
-    #[arg(long, default_value_t = TrainConfig::default().max_epochs)]
+    #[arg(long, default_value_t = TrainConfig::default().max_epochs, env = "FRAUDSTREAM_MAX_EPOCHS")]
     max_epochs: usize,
     /// Mini-batch size.
-    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    #[arg(long, default_value_t = TrainConfig::default().batch_size, env = "FRAUDSTREAM_BATCH_SIZE")]
     batch_size: usize,
     /// Adam learning rate.
-    #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate, env = "FRAUDSTREAM_LEARNING_RATE")]
     learning_rate: f64,
     /// Log line format.
     #[arg(long, env = "FRAUDSTREAM_LOG_FORMAT", value_enum, default_value = "text")]
