@@ -101,9 +101,30 @@ impl std::fmt::Display for DemoSummary {
     }
 }
 
-const INPUT: &str = "payments";
-const OUTPUT: &str = "payments-scored";
-const DLQ: &str = "payments-dlq";
+/// Topic and group names of one demo run. On a real broker every run gets
+/// its own, so runs never read each other's events or offsets.
+struct Names {
+    input: String,
+    output: String,
+    dlq: String,
+    group: String,
+}
+
+impl Names {
+    fn new(shared_broker: bool) -> Self {
+        let prefix = if shared_broker {
+            format!("fraudstream-demo-{}-", &uuid::Uuid::new_v4().simple().to_string()[..8])
+        } else {
+            String::new()
+        };
+        Self {
+            input: format!("{prefix}payments"),
+            output: format!("{prefix}payments-scored"),
+            dlq: format!("{prefix}payments-dlq"),
+            group: format!("{prefix}fraudstream-demo"),
+        }
+    }
+}
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
@@ -115,15 +136,18 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 /// Runs the demo end to end, printing progress to stderr.
 pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
     // 1. A broker.
+    let names = Names::new(config.kafka.is_some());
+    let topics = [names.input.as_str(), names.output.as_str(), names.dlq.as_str()];
     let mock;
     let kafka = match &config.kafka {
         Some(kafka) => {
-            ensure_topics(kafka, &[INPUT, OUTPUT, DLQ], config.partitions).await.map_err(step("creating topics"))?;
+            ensure_topics(kafka, &topics, config.partitions).await.map_err(step("creating topics"))?;
+            eprintln!("broker: {} (topics {})", kafka.brokers, topics.join(", "));
             kafka.clone()
         }
         None => {
             mock = MockCluster::new(1).map_err(step("starting the in-process Kafka mock cluster"))?;
-            for topic in [INPUT, OUTPUT, DLQ] {
+            for topic in topics {
                 mock.create_topic(topic, config.partitions, 1).map_err(step("creating topics"))?;
             }
             eprintln!("broker: in-process mock cluster at {}", mock.bootstrap_servers());
@@ -163,10 +187,10 @@ pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
     let scorer_config = ScorerConfig {
         pipeline: PipelineConfig {
             kafka: kafka.clone(),
-            group_id: "fraudstream-demo".into(),
-            input_topic: INPUT.into(),
-            output_topic: OUTPUT.into(),
-            dead_letter_topic: DLQ.into(),
+            group_id: names.group.clone(),
+            input_topic: names.input.clone(),
+            output_topic: names.output.clone(),
+            dead_letter_topic: names.dlq.clone(),
             input_codec: codec,
             output_codec: codec,
             max_batch: config.max_batch,
@@ -208,7 +232,7 @@ pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
 
     // 4. Live traffic.
     let producer = create_producer(&kafka).map_err(step("creating the producer"))?;
-    let options = PublishOptions { topic: INPUT.into(), codec, rate: config.rate, stamp_event_time: true };
+    let options = PublishOptions { topic: names.input.clone(), codec, rate: config.rate, stamp_event_time: true };
     let events = config.events;
     let traffic_seed = config.seed + 1;
     let started = Instant::now();
@@ -246,13 +270,13 @@ pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
     // 5. Read the scored topic back and compare with the simulator's labels.
     let consumer: StreamConsumer = kafka
         .client_config(&[
-            ("group.id", "fraudstream-demo-reader"),
+            ("group.id", &format!("{}-reader", names.group)),
             ("enable.auto.commit", "false"),
             ("auto.offset.reset", "earliest"),
         ])
         .create()
         .map_err(step("reading the scored topic"))?;
-    consumer.subscribe(&[OUTPUT]).map_err(step("reading the scored topic"))?;
+    consumer.subscribe(&[&names.output]).map_err(step("reading the scored topic"))?;
     let mut summary = DemoSummary {
         model_version: outcome.version.clone(),
         produced: published.sent,

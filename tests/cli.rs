@@ -155,3 +155,65 @@ fn produce_reports_a_bad_broker_address_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("127.0.0.1:1"), "{err}");
 }
+
+/// The README's main job pointed at the real broker and S3 store by flags.
+#[test]
+fn demo_runs_against_the_real_broker_and_s3() {
+    let kafka = common::kafka();
+    let store = format!("s3://{}/{}", common::bucket(), common::unique("demo"));
+    let out = run_ok(fraudstream().args([
+        "demo",
+        "--brokers",
+        &kafka.brokers,
+        "--model-store",
+        &store,
+        "--train-rows",
+        "30000",
+        "--events",
+        "5000",
+    ]));
+    assert!(out.contains("scored 5000 of 5000 payments (0 dead-lettered)"), "{out}");
+    assert!(out.contains("fraud caught at the model's threshold"), "{out}");
+}
+
+/// `consume --kind scored` filters: frauds only, a minimum probability, the first N.
+#[tokio::test]
+async fn consume_filters_scored_payments() {
+    use fraudstream::codec::{Codec, WireFormat};
+    let kafka = common::kafka();
+    let topic = common::unique("cli-scored");
+    fraudstream::kafka::ensure_topics(&kafka, &[&topic], 1).await.unwrap();
+    let codec = Codec::new(WireFormat::Confluent, 2);
+    let records: Vec<(String, Vec<u8>)> = Simulator::new(100, 4)
+        .enumerate()
+        .map(|(i, payment)| {
+            let p = i as f64 / 100.0;
+            let scored = fraudstream::ScoredPayment {
+                payment,
+                fraud_probability: p,
+                is_fraud: p >= 0.9,
+                threshold: 0.9,
+                model_name: "payfraud".into(),
+                model_version: "1".into(),
+                scored_at: 0,
+            };
+            (i.to_string(), codec.encode_scored(&scored).unwrap())
+        })
+        .collect();
+    common::publish(&common::input_producer(), &topic, &records).await;
+    let consume = |extra: &[&str]| {
+        let mut cmd = fraudstream();
+        cmd.args(["consume", "--brokers", &kafka.brokers, "--topic", &topic, "--idle-timeout", "5s"]).args(extra);
+        run_ok(&mut cmd)
+            .lines()
+            .map(|l| serde_json::from_str::<fraudstream::ScoredPayment>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let frauds = consume(&["--frauds-only"]);
+    assert_eq!(frauds.len(), 10);
+    assert!(frauds.iter().all(|s| s.is_fraud));
+    let high = consume(&["--min-probability", "0.75"]);
+    assert_eq!(high.len(), 25);
+    assert!(high.iter().all(|s| s.fraud_probability >= 0.75));
+    assert_eq!(consume(&["-n", "3"]).len(), 3);
+}
