@@ -195,3 +195,44 @@ async fn trains_from_s3_data_and_retrains_on_a_schedule() {
     let _ = child.wait();
     assert!(versions(&schedule_store).await.len() >= 2, "no second scheduled run within 60 s");
 }
+
+/// The exported TorchScript loads in Python (`torch.jit.load`) and gives the
+/// outputs that Rust (`CModule`) gives. `scripts/test` points
+/// FRAUDSTREAM_TORCH_PYTHON at a Python with PyTorch 2.13.0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exported_model_gives_the_same_outputs_in_python() {
+    let python = env("FRAUDSTREAM_TORCH_PYTHON");
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("models").display().to_string();
+    let (ok, out) = trainer(&["--simulate", "20000", "--max-epochs", "3", "--model-store", &store]).output_text();
+    assert!(ok, "{out}");
+    let version = versions(&store).await.pop().unwrap();
+    let version_dir = dir.path().join("models/versions").join(&version);
+    let model = Model::load(&version_dir, tch::Device::Cpu).unwrap();
+
+    let payments: Vec<_> = fraudstream::Simulator::new(256, 99).collect();
+    let mut features = Vec::new();
+    model.encoder().encode_all(&payments, &mut features).unwrap();
+    let rust = model.predict(&features, payments.len()).unwrap();
+    let rows: Vec<&[f32]> = features.chunks(28).collect();
+    let input = dir.path().join("input.json");
+    std::fs::write(&input, serde_json::to_vec(&rows).unwrap()).unwrap();
+
+    let script = "import json, sys, torch\n\
+                  m = torch.jit.load(sys.argv[1]); m.eval()\n\
+                  x = torch.tensor(json.load(open(sys.argv[2])), dtype=torch.float32)\n\
+                  with torch.no_grad(): print(json.dumps(m(x).tolist()))\n";
+    let output = Command::new(&python)
+        .args(["-c", script])
+        .arg(version_dir.join("model.pt"))
+        .arg(&input)
+        .env("PYTHONWARNINGS", "ignore")
+        .output()
+        .expect("run python");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let python_out: Vec<[f32; 2]> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(python_out.len(), rust.len());
+    let diff =
+        python_out.iter().zip(&rust).flat_map(|(p, r)| [(p[0] - r[0]).abs(), (p[1] - r[1]).abs()]).fold(0f32, f32::max);
+    assert!(diff <= 1e-6, "Python and Rust outputs differ by {diff}");
+}
