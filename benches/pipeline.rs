@@ -207,7 +207,11 @@ async fn latency_at(kafka: &KafkaArgs, store: &str, cache: &std::path::Path, rat
 async fn main() {
     tch::set_num_threads(1);
     let brokers = std::env::var("FRAUDSTREAM_TEST_BROKERS").expect("run through scripts/bench (starts the broker)");
-    let kafka = KafkaArgs::new(brokers);
+    let mut kafka = KafkaArgs::new(brokers);
+    // Extra librdkafka properties for tuning experiments: BENCH_X="k=v;k=v".
+    for pair in std::env::var("BENCH_X").unwrap_or_default().split(';').filter(|p| !p.is_empty()) {
+        kafka.property.push(fraudstream::kafka::parse_property(pair).expect("BENCH_X holds k=v pairs"));
+    }
     let events = env_u64("BENCH_EVENTS", 1_000_000);
     let http_calls = env_u64("BENCH_HTTP_CALLS", 5_000);
     let dir = tempfile::tempdir().unwrap();

@@ -99,15 +99,16 @@ pub async fn publish_payments(
         Err(_) => summary.failed += 1,
     };
     for mut payment in payments {
-        if options.stamp_event_time {
-            payment.event_time = now_ms();
-        }
         if let Some(rate) = options.rate {
             let due = start + Duration::from_secs_f64(queued as f64 / rate);
             let now = Instant::now();
             if due > now {
                 tokio::time::sleep(due - now).await;
             }
+        }
+        // Stamped after the rate limiter's wait: the event happens when it is sent.
+        if options.stamp_event_time {
+            payment.event_time = now_ms();
         }
         let payload = options
             .codec
