@@ -188,7 +188,6 @@ async fn every_valid_payment_scored_once_every_invalid_one_dead_lettered() {
 /// mid-stream (same group) loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn model_swap_and_restart_mid_stream_lose_nothing() {
-    fraudstream::telemetry::init_logging(fraudstream::telemetry::LogFormat::Text);
     let store = common::s3_store();
     let first = common::train_and_publish(&store, 20_000, 2, false).await;
     let topics = topics().await;
