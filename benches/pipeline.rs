@@ -40,13 +40,14 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// Peak resident set size (VmHWM) of a process, in MiB, from /proc.
+fn peak_rss_mib(pid: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find(|l| l.starts_with("VmHWM:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn scorer_config(
@@ -138,14 +139,10 @@ async fn scorer_process_peak_rss(kafka: &KafkaArgs, input: &str, store: &str, ev
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let rss = peak_rss_mib(&child.id().to_string());
     let _ = child.kill();
     let _ = child.wait();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    rss
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -354,7 +351,7 @@ async fn main() {
     }
     out.push_str(&format!(
         "\n## Other\n\n| measure | result |\n|---|---|\n| trainer, 594,643 simulated rows (load, split, MLP + baseline, export, publish) | {trainer_seconds:.1} s |\n| holdout ROC-AUC / AP (MLP) | {:.4} / {:.4} |\n| holdout ROC-AUC / AP (logistic baseline) | {:.4} / {:.4} |\n| simulator to CSV on /dev/null (one thread) | {sim_rate:.0} rows/s |\n| peak RSS of the `fraudstream score` process over the {events}-event stream | {scorer_rss:.0} MiB |\n| peak RSS of the benchmark process (in-process scorer + load generator) | {:.0} MiB |\n",
-        h.roc_auc, h.average_precision, outcome.baseline.roc_auc, outcome.baseline.average_precision, peak_rss_mib()
+        h.roc_auc, h.average_precision, outcome.baseline.roc_auc, outcome.baseline.average_precision, peak_rss_mib("self")
     ));
     println!("{out}");
 }

@@ -212,7 +212,15 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>) {
     let started = Instant::now();
     let encoder = model.encoder();
     let width = encoder.width();
-    let mut features: Vec<f32> = Vec::new();
+    let rows: usize = jobs
+        .iter()
+        .map(|job| match job {
+            Job::Payments(p, _) => p.len(),
+            Job::Rows(f, _) => f.len() / width,
+            Job::Swap(..) => 0,
+        })
+        .sum();
+    let mut features: Vec<f32> = Vec::with_capacity(rows * width);
     let mut encoded: Vec<Vec<Result<usize, EncodeError>>> = Vec::with_capacity(jobs.len());
     let mut row = vec![0f32; width];
     let mut n = 0;
