@@ -18,18 +18,25 @@ struct PartitionState {
     reported: i64,
 }
 
-/// Thread-safe tracker shared by the consumer loop and the delivery callbacks.
-#[derive(Debug, Default)]
+/// Thread-safe tracker of one input topic, shared by the consumer loop and
+/// the delivery callbacks (keyed by partition alone: no per-event allocation).
+#[derive(Debug)]
 pub struct OffsetTracker {
-    partitions: Mutex<HashMap<(String, i32), PartitionState>>,
+    topic: String,
+    partitions: Mutex<HashMap<i32, PartitionState>>,
 }
 
 impl OffsetTracker {
+    /// A tracker for the partitions of `topic`.
+    pub fn new(topic: impl Into<String>) -> Self {
+        Self { topic: topic.into(), partitions: Mutex::default() }
+    }
+
     /// Records that `offset` was read and is now in flight.
-    pub fn begin(&self, topic: &str, partition: i32, offset: i64) {
+    pub fn begin(&self, partition: i32, offset: i64) {
         let mut map = self.partitions.lock().expect("offset tracker lock");
         // The first offset seen starts the partition: nothing below it is ours to report.
-        let state = map.entry((topic.to_string(), partition)).or_insert_with(|| PartitionState {
+        let state = map.entry(partition).or_insert_with(|| PartitionState {
             in_flight: BTreeSet::new(),
             next: offset,
             reported: offset,
@@ -40,9 +47,9 @@ impl OffsetTracker {
 
     /// Records that `offset` is done (its output is acknowledged). Returns the
     /// new committable position (every offset below it is done) if it moved.
-    pub fn finish(&self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
+    pub fn finish(&self, partition: i32, offset: i64) -> Option<i64> {
         let mut map = self.partitions.lock().expect("offset tracker lock");
-        let state = map.get_mut(&(topic.to_string(), partition))?;
+        let state = map.get_mut(&partition)?;
         state.in_flight.remove(&offset);
         let position = state.in_flight.first().copied().unwrap_or(state.next);
         if position > state.reported {
@@ -53,20 +60,25 @@ impl OffsetTracker {
         }
     }
 
+    /// The partitions of this tracker's topic among `partitions`.
+    fn own<'a>(&'a self, partitions: &'a [(String, i32)]) -> impl Iterator<Item = i32> + 'a {
+        partitions.iter().filter(|(topic, _)| *topic == self.topic).map(|(_, partition)| *partition)
+    }
+
     /// Offsets in flight on the given partitions (all partitions if `None`).
     pub fn in_flight(&self, partitions: Option<&[(String, i32)]>) -> usize {
         let map = self.partitions.lock().expect("offset tracker lock");
         match partitions {
             None => map.values().map(|s| s.in_flight.len()).sum(),
-            Some(list) => list.iter().filter_map(|k| map.get(k)).map(|s| s.in_flight.len()).sum(),
+            Some(list) => self.own(list).filter_map(|p| map.get(&p)).map(|s| s.in_flight.len()).sum(),
         }
     }
 
     /// Forgets partitions this consumer no longer owns.
     pub fn forget(&self, partitions: &[(String, i32)]) {
         let mut map = self.partitions.lock().expect("offset tracker lock");
-        for key in partitions {
-            map.remove(key);
+        for partition in self.own(partitions) {
+            map.remove(&partition);
         }
     }
 }
@@ -77,28 +89,31 @@ mod tests {
 
     #[test]
     fn commits_only_below_the_lowest_offset_in_flight() {
-        let t = OffsetTracker::default();
+        let t = OffsetTracker::new("in");
         for o in 10..15 {
-            t.begin("in", 0, o);
+            t.begin(0, o);
         }
-        assert_eq!(t.finish("in", 0, 12), None, "10 and 11 are still in flight");
-        assert_eq!(t.finish("in", 0, 10), Some(11));
-        assert_eq!(t.finish("in", 0, 11), Some(13));
-        assert_eq!(t.finish("in", 0, 14), None);
+        assert_eq!(t.finish(0, 12), None, "10 and 11 are still in flight");
+        assert_eq!(t.finish(0, 10), Some(11));
+        assert_eq!(t.finish(0, 11), Some(13));
+        assert_eq!(t.finish(0, 14), None);
         assert_eq!(t.in_flight(None), 1);
-        assert_eq!(t.finish("in", 0, 13), Some(15));
+        assert_eq!(t.finish(0, 13), Some(15));
         assert_eq!(t.in_flight(None), 0);
     }
 
     #[test]
     fn partitions_are_independent_and_can_be_forgotten() {
-        let t = OffsetTracker::default();
-        t.begin("in", 0, 5);
-        t.begin("in", 1, 7);
-        assert_eq!(t.finish("in", 1, 7), Some(8));
+        let t = OffsetTracker::new("in");
+        t.begin(0, 5);
+        t.begin(1, 7);
+        assert_eq!(t.finish(1, 7), Some(8));
         assert_eq!(t.in_flight(Some(&[("in".into(), 0)])), 1);
+        assert_eq!(t.in_flight(Some(&[("other".into(), 0)])), 0, "another topic's partition is not ours");
+        t.forget(&[("other".into(), 0)]);
+        assert_eq!(t.in_flight(None), 1);
         t.forget(&[("in".into(), 0)]);
         assert_eq!(t.in_flight(None), 0);
-        assert_eq!(t.finish("in", 0, 5), None, "a forgotten partition reports nothing");
+        assert_eq!(t.finish(0, 5), None, "a forgotten partition reports nothing");
     }
 }
