@@ -6,15 +6,15 @@
 //! 2. scorer throughput vs the original demo's architecture: one synchronous
 //!    HTTP `:predict` call per event against the scorer's own REST API;
 //! 3. end-to-end latency at 25%, 50% and 75% of the maximum rate the machine
-//!    sustains live, with the load generator beside the scorer (run alone
-//!    with BENCH_PHASE=latency, on a fresh broker);
+//!    sustains live, with the load generator beside the scorer
+//!    (BENCH_PHASE=live-max, then BENCH_PHASE=latency BENCH_RATE=..., each
+//!    on a fresh broker);
 //! 4. inference alone at batch sizes 1..4096, codec and simulator speed,
 //!    trainer time on 594,643 rows, and peak RSS.
 //!
 //! Ratios, not absolute numbers, are the result: the machine is shared.
 //! Tuning aids: BENCH_X="k=v;k=v" (extra librdkafka properties),
-//! BENCH_THROUGHPUT_ONLY=1, BENCH_LATENCY_RATES="1000,50000",
-//! BENCH_EVENTS, BENCH_HTTP_CALLS, BENCH_IN_FLIGHT.
+//! BENCH_THROUGHPUT_ONLY=1, BENCH_EVENTS, BENCH_HTTP_CALLS, BENCH_IN_FLIGHT.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -183,10 +183,25 @@ impl LiveScorer {
     }
 
     /// Publishes `n` payments (at `rate`, or as fast as possible) and waits until all are scored.
+    /// The load generator is a `fraudstream produce` process of its own, as
+    /// payment producers are: it does not share this process's runtime.
     async fn publish_and_wait(&self, kafka: &KafkaArgs, n: u64, rate: Option<f64>) {
-        let producer = create_producer(kafka).unwrap();
-        let options = PublishOptions { topic: self.input.clone(), codec: CODEC, rate, stamp_event_time: true };
-        publish_payments(&producer, &options, Simulator::new(n, 5), |_| {}).await.unwrap();
+        let mut produce = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudstream"));
+        produce.args(["produce", "--brokers", &kafka.brokers, "--topic", &self.input]);
+        produce.args(["--simulate", &n.to_string(), "--seed", "5"]);
+        if let Some(rate) = rate {
+            produce.args(["--rate", &format!("{rate:.0}")]);
+        }
+        for (k, v) in &kafka.property {
+            produce.args(["-X", &format!("{k}={v}")]);
+        }
+        let status = produce
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .expect("run fraudstream produce");
+        assert!(status.success(), "fraudstream produce failed: {status}");
         while self.parts.counters.scored.load(Ordering::Relaxed) < n {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -250,31 +265,19 @@ async fn latency_at(kafka: &KafkaArgs, store: &str, cache: &std::path::Path, rat
     (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
 }
 
-/// Benchmark 3, latency at fractions of the maximum the machine sustains
-/// live (load generator, broker and scorer together): the markdown section
-/// and the headline cell.
-async fn latency_report(kafka: &KafkaArgs, store: &str, cache: &std::path::Path, events: u64) -> (String, String) {
-    let live_best = live_max(kafka, store, cache, events).await;
-    eprintln!("live maximum: {live_best:.0} events/s");
-    let mut out = format!(
-        "### End-to-end latency (event time to scored), 12 s at each rate, the first 2 s discarded as warm-up\n\n\
-         Shares of the live maximum, **{live_best:.0} events/s**: the load generator publishing {events} events as fast \
-         as it can while the scorer runs beside it on the same cores. The drain maximum of the throughput table has no \
-         generator on the cores; half of it is more than generator, broker and scorer sustain together here, so \
-         latency there grows without bound.\n\n\
-         | share of live max | rate (events/s) | p50 (ms) | p99 (ms) |\n|---|---|---|---|\n"
-    );
-    let mut headline = String::new();
-    for fraction in [0.25, 0.5, 0.75] {
-        let rate = live_best * fraction;
-        let (p50, p99) = latency_at(kafka, store, cache, rate, 12.0).await;
-        eprintln!("latency at {rate:.0}/s: p50 {p50} ms, p99 {p99} ms");
-        out.push_str(&format!("| {:.0}% | {rate:.0} | {p50:.1} | {p99:.1} |\n", fraction * 100.0));
-        if fraction == 0.5 {
-            headline = format!("**{p99:.1} ms** (p50 {p50:.1} ms, at {rate:.0} events/s)");
-        }
-    }
-    (out, headline)
+/// Trains on the full-size simulated set and publishes to `store`.
+async fn train(store: &str) -> fraudstream::training::RunOutcome {
+    run_once(&TrainerOptions {
+        data: DataSource::Simulator { rows: 594_643, seed: 42 },
+        model_store: store.to_string(),
+        model_name: "payfraud".into(),
+        device: fraudstream::model::Device::Cpu,
+        target_precision: None,
+        force: false,
+        train: TrainConfig::default(),
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -291,47 +294,39 @@ async fn main() {
     let events = env_u64("BENCH_EVENTS", 1_000_000);
     let http_calls = env_u64("BENCH_HTTP_CALLS", 5_000);
     let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
     let mut out = String::new();
+    // BENCH_MODEL_STORE keeps the model for the later phases, which reuse it.
+    let store = std::env::var("BENCH_MODEL_STORE").unwrap_or_else(|_| dir.path().join("models").display().to_string());
+
+    // Benchmark 3 runs in phases of their own, each on a broker scripts/bench
+    // has just started: a broker holding millions of records from the runs
+    // before is slower than a fresh one.
+    let phase = std::env::var("BENCH_PHASE").unwrap_or_else(|_| "throughput".into());
+    if phase != "throughput" {
+        if ModelStore::open(&store).await.unwrap().latest_version().await.unwrap().is_none() {
+            train(&store).await;
+        }
+        match phase.as_str() {
+            // The rate the machine sustains live, generator and scorer side by side.
+            "live-max" => println!("{:.0}", live_max(&kafka, &store, &cache, events).await),
+            // p50 and p99 (ms) at BENCH_RATE events/s for 12 s.
+            "latency" => {
+                let rate = env_u64("BENCH_RATE", 10_000) as f64;
+                let (p50, p99) = latency_at(&kafka, &store, &cache, rate, 12.0).await;
+                println!("{p50:.1} {p99:.1}");
+            }
+            other => panic!("BENCH_PHASE is throughput, live-max or latency, not {other:?}"),
+        }
+        return;
+    }
 
     // Trainer on the full-size simulated set (also the model every run below uses).
-    let store = dir.path().join("models").display().to_string();
     let started = Instant::now();
-    let outcome = run_once(&TrainerOptions {
-        data: DataSource::Simulator { rows: 594_643, seed: 42 },
-        model_store: store.clone(),
-        model_name: "payfraud".into(),
-        device: fraudstream::model::Device::Cpu,
-        target_precision: None,
-        force: false,
-        train: TrainConfig::default(),
-    })
-    .await
-    .unwrap();
+    let outcome = train(&store).await;
     let trainer_seconds = started.elapsed().as_secs_f64();
     eprintln!("trainer: {trainer_seconds:.1} s");
-
-    // Tuning aid: BENCH_LATENCY_RATES="1000,30000" measures latency at those
-    // rates only and prints the results instead of writing the report.
-    if let Ok(rates) = std::env::var("BENCH_LATENCY_RATES") {
-        let cache = dir.path().join("cache");
-        for rate in rates.split(',').map(|r| r.trim().parse::<f64>().expect("BENCH_LATENCY_RATES holds numbers")) {
-            let (p50, p99) = latency_at(&kafka, &store, &cache, rate, 12.0).await;
-            println!("latency at {rate:.0}/s: p50 {p50} ms, p99 {p99} ms");
-        }
-        return;
-    }
-
-    // scripts/bench runs the latency phase on a freshly started broker of its
-    // own: the throughput phase leaves millions of records in the broker's memory.
     let headline_file = std::env::var("BENCH_HEADLINE_FILE").ok();
-    if std::env::var("BENCH_PHASE").as_deref() == Ok("latency") {
-        let (out, headline) = latency_report(&kafka, &store, &dir.path().join("cache"), events).await;
-        if let Some(path) = headline_file {
-            std::fs::write(path, headline + "\n").unwrap();
-        }
-        println!("{out}");
-        return;
-    }
 
     // 1. Scorer vs relay on the same 1M-event stream.
     let input = unique("bench-in");
@@ -339,7 +334,6 @@ async fn main() {
     let producer = create_producer(&kafka).unwrap();
     let options = PublishOptions { topic: input.clone(), codec: CODEC, rate: None, stamp_event_time: true };
     publish_payments(&producer, &options, Simulator::new(events, 7), |_| {}).await.unwrap();
-    let cache = dir.path().join("cache");
     let mut relay_rates = Vec::new();
     let mut scorer_rates = Vec::new();
     for round in 0..2 {
