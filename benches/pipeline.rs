@@ -459,7 +459,7 @@ async fn main() {
         out.push_str(&format!("| {batch} | {rate:.0} |\n"));
     }
     out.push_str(&format!(
-        "\n### Other\n\n| measure | result |\n|---|---|\n| trainer, 594,643 simulated rows (load, split, MLP + baseline, export, publish) | {trainer_seconds:.1} s |\n| holdout ROC-AUC / AP (MLP) | {:.4} / {:.4} |\n| holdout ROC-AUC / AP (logistic baseline) | {:.4} / {:.4} |\n| simulator to CSV on /dev/null (one thread) | {sim_rate:.0} rows/s |\n| Avro (Confluent) decode of a payment / encode of a scored payment | {decode_us:.2} / {encode_us:.2} us |\n| peak RSS of the `fraudstream score` process over the {events}-event stream | {scorer_rss:.0} MiB |\n| peak RSS of the benchmark process (in-process scorer + load generator) | {:.0} MiB |\n",
+        "\n### Other\n\n| measure | result |\n|---|---|\n| trainer, 594,643 simulated rows (load, split, MLP + baseline, export, publish) | {trainer_seconds:.1} s |\n| holdout ROC-AUC / AP (MLP) | {:.4} / {:.4} |\n| holdout ROC-AUC / AP (logistic baseline) | {:.4} / {:.4} |\n| simulator to CSV on /dev/null (one thread) | {sim_rate:.0} rows/s |\n| Avro (Confluent) decode of a payment / encode of a scored payment | {decode_us:.2} / {encode_us:.2} us |\n| peak RSS of the `fraudstream score` process over the {events}-event stream | {scorer_rss:.0} MiB |\n| peak RSS of the benchmark process (throughput phase: in-process scorer, relay, publisher, HTTP client) | {:.0} MiB |\n",
         h.roc_auc, h.average_precision, outcome.baseline.roc_auc, outcome.baseline.average_precision, peak_rss_mib("self")
     ));
     println!("{out}");
