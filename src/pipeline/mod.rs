@@ -125,6 +125,8 @@ struct EventMetrics {
 
 impl EventMetrics {
     fn new() -> Self {
+        // Handles taken before the recorder exists would stay no-ops for good.
+        let _ = crate::telemetry::prometheus();
         Self {
             events_in: metrics::counter!(metric::EVENTS_IN),
             events_out: metrics::counter!(metric::EVENTS_OUT),
