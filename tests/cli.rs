@@ -24,6 +24,13 @@ fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `fraudstream consume` of payments on `topic` until it goes quiet for 5 s.
+fn consume_payments(kafka: &fraudstream::kafka::KafkaArgs, topic: &str, extra: &[&str]) -> Vec<Payment> {
+    let mut cmd = fraudstream();
+    cmd.args(["consume", "--brokers", &kafka.brokers, "--topic", topic, "--kind", "payment", "--idle-timeout", "5s"]);
+    run_ok(cmd.args(extra)).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 #[test]
 fn simulate_writes_the_original_format_deterministically() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,20 +101,7 @@ fn produce_then_consume_round_trips_through_the_broker() {
             "batch.num.messages=1000",
         ]));
         assert!(summary.contains("sent 3000 payments, 0 failed"), "{summary}");
-        let out = run_ok(fraudstream().args([
-            "consume",
-            "--brokers",
-            &kafka.brokers,
-            "--topic",
-            &topic,
-            "--kind",
-            "payment",
-            "--format",
-            format,
-            "--idle-timeout",
-            "5s",
-        ]));
-        let mut read: Vec<Payment> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let mut read = consume_payments(&kafka, &topic, &["--format", format]);
         let mut expected: Vec<Payment> = Simulator::new(3000, 9).collect();
         read.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
         expected.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
@@ -127,20 +121,7 @@ fn produce_publishes_the_real_banksim_file() {
             .arg(&csv),
     );
     assert!(summary.contains("sent 15534 payments, 0 failed"), "{summary}");
-    let out = run_ok(fraudstream().args([
-        "consume",
-        "--brokers",
-        &kafka.brokers,
-        "--topic",
-        &topic,
-        "--kind",
-        "payment",
-        "--max",
-        "20000",
-        "--idle-timeout",
-        "5s",
-    ]));
-    let read: Vec<Payment> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let read = consume_payments(&kafka, &topic, &["--max", "20000"]);
     assert_eq!(read.len(), 15_534);
     assert_eq!(read.iter().filter(|p| p.fraud == Some(true)).count(), 92);
 }

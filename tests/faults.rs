@@ -127,7 +127,7 @@ fn payments(n: u64, seed: u64) -> Vec<Payment> {
 }
 
 fn records(payments: &[Payment]) -> Vec<(String, Vec<u8>)> {
-    payments.iter().map(|p| (p.customer.clone(), CODEC.encode_payment(p).unwrap())).collect()
+    common::keyed_records(&CODEC, payments)
 }
 
 async fn read_ids(kafka: &KafkaArgs, topic: &str, want: usize, idle: Duration) -> (usize, HashSet<String>) {
@@ -160,10 +160,7 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
     let topic = topic_for(&kafka, 4).await;
     let group = common::unique("group");
     let sent = payments(200_000, 21);
-    let publishing = {
-        let (topic, records) = (topic.clone(), records(&sent));
-        tokio::spawn(async move { common::publish(&common::input_producer(), &topic, &records).await })
-    };
+    let publishing = common::publish_in_background(&topic, records(&sent));
     let mut scorer = Scorer::spawn(&kafka, &topic, &store, &group, dir.path(), &[]);
     scorer
         .wait_until("30,000 outputs", Duration::from_secs(120), async |s| {
@@ -191,10 +188,7 @@ async fn a_stopped_group_member_is_replaced_by_the_other() {
     a.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
     b.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
     let sent = payments(30_000, 22);
-    let publishing = {
-        let (topic, records) = (topic.clone(), records(&sent));
-        tokio::spawn(async move { common::publish(&common::input_producer(), &topic, &records).await })
-    };
+    let publishing = common::publish_in_background(&topic, records(&sent));
     a.wait_until("outputs from the first member", Duration::from_secs(60), async |s| {
         s.metric("fraudstream_events_out_total").await >= 2_000.0
     })

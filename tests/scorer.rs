@@ -87,7 +87,7 @@ impl RunningScorer {
 }
 
 fn encoded(payments: &[Payment]) -> Vec<(String, Vec<u8>)> {
-    payments.iter().map(|p| (p.customer.clone(), CODEC.encode_payment(p).unwrap())).collect()
+    common::keyed_records(&CODEC, payments)
 }
 
 fn decode_all(messages: &[OwnedMessage]) -> Vec<ScoredPayment> {
@@ -215,11 +215,7 @@ async fn model_swap_and_restart_mid_stream_lose_nothing() {
     assert_eq!(scorer.parts.scoring.model().unwrap().version, second.version, "new version not picked up");
 
     // Second wave, and a restart in the middle of it.
-    let publishing = {
-        let topic = topics.input.clone();
-        let records = encoded(waves[1]);
-        tokio::spawn(async move { common::publish(&common::input_producer(), &topic, &records).await })
-    };
+    let publishing = common::publish_in_background(&topics.input, encoded(waves[1]));
     let before = scorer.scored();
     let deadline = Instant::now() + Duration::from_secs(30);
     while scorer.scored() < before + 2_000 && Instant::now() < deadline {

@@ -139,7 +139,6 @@ impl EventMetrics {
 
 /// State shared by the consumer hooks and the producer's delivery callback.
 struct Shared {
-    input_topic: String,
     tracker: OffsetTracker,
     state: Arc<PipelineState>,
     in_flight: Arc<Semaphore>,
@@ -158,7 +157,7 @@ impl Shared {
         if let Some(position) = self.tracker.finish(partition, offset) {
             if let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) {
                 // store_offset(o) commits o + 1; fails harmlessly if the partition was revoked.
-                if let Err(e) = consumer.store_offset(&self.input_topic, partition, position - 1) {
+                if let Err(e) = consumer.store_offset(self.tracker.topic(), partition, position - 1) {
                     tracing::debug!(partition, position, error = %e, "offset not stored");
                 }
             }
@@ -411,7 +410,6 @@ pub async fn run(
 ) -> Result<(), PipelineError> {
     let kafka_err = |source| PipelineError::Kafka { brokers: config.kafka.brokers.clone(), source };
     let shared = Arc::new(Shared {
-        input_topic: config.input_topic.clone(),
         tracker: OffsetTracker::new(&config.input_topic),
         state: state.clone(),
         in_flight: Arc::new(Semaphore::new(config.max_in_flight)),

@@ -32,6 +32,11 @@ impl OffsetTracker {
         Self { topic: topic.into(), partitions: Mutex::default() }
     }
 
+    /// The topic whose offsets this tracks.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
     /// Records that `offset` was read and is now in flight.
     pub fn begin(&self, partition: i32, offset: i64) {
         let mut map = self.partitions.lock().expect("offset tracker lock");

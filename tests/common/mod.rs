@@ -84,6 +84,18 @@ pub async fn publish(producer: &rdkafka::producer::FutureProducer, topic: &str, 
     }
 }
 
+/// Payments as (customer key, encoded payload) records, as producers key them.
+pub fn keyed_records(codec: &fraudstream::Codec, payments: &[fraudstream::Payment]) -> Vec<(String, Vec<u8>)> {
+    payments.iter().map(|p| (p.customer.clone(), codec.encode_payment(p).unwrap())).collect()
+}
+
+/// Publishes `records` with a test input producer on a task of its own,
+/// so a test can act on the scorer while input still arrives.
+pub fn publish_in_background(topic: &str, records: Vec<(String, Vec<u8>)>) -> tokio::task::JoinHandle<()> {
+    let topic = topic.to_string();
+    tokio::spawn(async move { publish(&input_producer(), &topic, &records).await })
+}
+
 /// Reads a topic from the beginning until `until` says stop or nothing new
 /// arrives for `idle`. `until` may be costly, so it is asked every thousand
 /// messages and when the topic goes quiet.
