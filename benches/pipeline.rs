@@ -14,7 +14,8 @@
 //!
 //! Ratios, not absolute numbers, are the result: the machine is shared.
 //! Tuning aids: BENCH_X="k=v;k=v" (extra librdkafka properties),
-//! BENCH_THROUGHPUT_ONLY=1, BENCH_EVENTS, BENCH_HTTP_CALLS, BENCH_IN_FLIGHT.
+//! BENCH_THROUGHPUT_ONLY=1, BENCH_PIPELINE=scorer|relay (only that one, e.g.
+//! under perf), BENCH_EVENTS, BENCH_HTTP_CALLS, BENCH_IN_FLIGHT.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -34,6 +35,10 @@ use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
+
+/// The allocator of the `fraudstream` binary, so the in-process scorer costs what it costs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const CODEC: Codec = Codec::new(WireFormat::Confluent, 1);
 
@@ -92,9 +97,29 @@ fn scorer_config(
     }
 }
 
-/// Runs a scorer (or relay) over the whole input topic; returns events/s
-/// from the first event consumed to the last output acknowledged.
-async fn drain_topic(config: ScorerConfig, events: u64) -> f64 {
+/// CPU seconds (user + system) a process has used so far, from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces); utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One pipeline's pass over the whole input topic.
+struct Drain {
+    /// Events/s from the first event consumed to the last output acknowledged.
+    rate: f64,
+    /// CPU microseconds per event of this process (the pipeline) and of the
+    /// broker (pid in BENCH_BROKER_PID, set by scripts/bench).
+    own_cpu_us: f64,
+    broker_cpu_us: f64,
+}
+
+/// Runs a scorer (or relay) over the whole input topic.
+async fn drain_topic(config: ScorerConfig, events: u64) -> Drain {
+    let broker_pid = std::env::var("BENCH_BROKER_PID").unwrap_or_default();
+    let (own_cpu, broker_cpu) = (cpu_seconds("self"), cpu_seconds(&broker_pid));
     let parts = ScorerParts::new(config.pipeline.max_batch);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(fraudstream::scorer::run(config, parts.clone(), shutdown.clone()));
@@ -110,9 +135,15 @@ async fn drain_topic(config: ScorerConfig, events: u64) -> f64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let seconds = started.expect("consumed something").elapsed().as_secs_f64();
+    let per_event_us = |cpu: f64| cpu * 1e6 / events as f64;
+    let drain = Drain {
+        rate: events as f64 / seconds,
+        own_cpu_us: per_event_us(cpu_seconds("self") - own_cpu),
+        broker_cpu_us: per_event_us(cpu_seconds(&broker_pid) - broker_cpu),
+    };
     shutdown.cancel();
     task.await.unwrap().unwrap();
-    events as f64 / seconds
+    drain
 }
 
 /// Runs the `fraudstream score` binary over the whole input topic and reads
@@ -334,22 +365,31 @@ async fn main() {
     let producer = create_producer(&kafka).unwrap();
     let options = PublishOptions { topic: input.clone(), codec: CODEC, rate: None, stamp_event_time: true };
     publish_payments(&producer, &options, Simulator::new(events, 7), |_| {}).await.unwrap();
-    let mut relay_rates = Vec::new();
-    let mut scorer_rates = Vec::new();
+    let mut relay_rounds = Vec::new();
+    let mut scorer_rounds = Vec::new();
     for round in 0..2 {
         for relay in [true, false] {
-            let rate =
+            if std::env::var("BENCH_PIPELINE").is_ok_and(|p| p != if relay { "relay" } else { "scorer" }) {
+                continue;
+            }
+            let drain =
                 drain_topic(scorer_config(&kafka, &input, &unique("bench-out"), &store, &cache, relay), events).await;
-            eprintln!("round {round}: {} {rate:.0} events/s", if relay { "relay " } else { "scorer" });
+            eprintln!(
+                "round {round}: {} {:.0} events/s, CPU per event {:.2} us (+ broker {:.2} us)",
+                if relay { "relay " } else { "scorer" },
+                drain.rate,
+                drain.own_cpu_us,
+                drain.broker_cpu_us
+            );
             if relay {
-                relay_rates.push(rate)
+                relay_rounds.push(drain)
             } else {
-                scorer_rates.push(rate)
+                scorer_rounds.push(drain)
             }
         }
     }
-    let relay_best = relay_rates.iter().copied().fold(0.0, f64::max);
-    let scorer_best = scorer_rates.iter().copied().fold(0.0, f64::max);
+    let best = |rounds: &[Drain]| rounds.iter().map(|d| d.rate).fold(f64::NAN, f64::max);
+    let (relay_best, scorer_best) = (best(&relay_rounds), best(&scorer_rounds));
     // Tuning aid: BENCH_THROUGHPUT_ONLY=1 stops after the throughput rounds.
     if std::env::var("BENCH_THROUGHPUT_ONLY").is_ok() {
         println!("relay {relay_best:.0} events/s, scorer {scorer_best:.0} events/s");
@@ -444,16 +484,18 @@ async fn main() {
     if let Some(path) = headline_file {
         std::fs::write(path, headline.join("\n") + "\n").unwrap();
     }
-    out.push_str(&format!("### Throughput ({events} events, 4 partitions, best of 2 alternating rounds)\n\n| pipeline | rounds (events/s) | best |\n|---|---|---|\n"));
-    out.push_str(&format!(
-        "| no-op relay (consume -> produce, same code) | {} | {relay_best:.0} |\n",
-        relay_rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
-    ));
-    out.push_str(&format!(
-        "| scorer (decode, encode, score, produce) | {} | {scorer_best:.0} |\n",
-        scorer_rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
-    ));
-    out.push_str(&format!("| original architecture: sequential HTTP `:predict`, 1 event per call ({http_calls} calls) | | {http_rate:.0} |\n\n"));
+    out.push_str(&format!("### Throughput ({events} events, 4 partitions, best of 2 alternating rounds)\n\nCPU per event: CPU time of the pipeline's process (and of the broker) over the round, divided by the events.\n\n| pipeline | rounds (events/s) | best | CPU per event, pipeline (broker) |\n|---|---|---|---|\n"));
+    let row = |name: &str, rounds: &[Drain], best: f64| {
+        let join = |f: &dyn Fn(&Drain) -> String| rounds.iter().map(f).collect::<Vec<_>>().join(", ");
+        format!(
+            "| {name} | {} | {best:.0} | {} us |\n",
+            join(&|d| format!("{:.0}", d.rate)),
+            join(&|d| format!("{:.2} ({:.2})", d.own_cpu_us, d.broker_cpu_us))
+        )
+    };
+    out.push_str(&row("no-op relay (consume -> produce, same code)", &relay_rounds, relay_best));
+    out.push_str(&row("scorer (decode, encode, score, produce)", &scorer_rounds, scorer_best));
+    out.push_str(&format!("| original architecture: sequential HTTP `:predict`, 1 event per call ({http_calls} calls) | | {http_rate:.0} | |\n\n"));
     out.push_str("### Inference alone (CPU, one intra-op thread, MLP 28-64-32-2 with its input layer)\n\n| batch | rows/s |\n|---|---|\n");
     for (batch, rate) in &inference_rows {
         out.push_str(&format!("| {batch} | {rate:.0} |\n"));
