@@ -26,6 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
@@ -266,9 +267,21 @@ struct InFlight {
     partition: i32,
     offset: i64,
     key: Option<Vec<u8>>,
-    /// Kept for dead letters, which carry the original bytes.
+    /// Decoded by the batcher; kept for dead letters, which carry the original bytes.
     payload: Vec<u8>,
     headers: Option<OwnedHeaders>,
+}
+
+impl InFlight {
+    fn of(message: &BorrowedMessage<'_>) -> Self {
+        Self {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().unwrap_or_default().to_vec(),
+            headers: message.headers().map(|h| h.detach()),
+        }
+    }
 }
 
 struct Emitter {
@@ -456,52 +469,61 @@ pub async fn run(
     consumer.subscribe(&[&config.input_topic]).map_err(kafka_err)?;
     tracing::info!(topic = %config.input_topic, group = %config.group_id, "consuming");
 
-    // batcher: events -> micro-batches -> scoring service; emitter: scores -> topics.
-    let (event_tx, mut event_rx) = mpsc::channel::<(InFlight, Payment)>(config.max_batch * 4);
-    type Pending = (Vec<InFlight>, oneshot::Receiver<Result<ScoredBatch, ScoringError>>);
+    // The consumer loop hands raw events over in chunks (one channel operation
+    // per chunk, not per event); the batcher decodes them into micro-batches
+    // for the scoring service; the emitter produces the scores in order. Each
+    // stage runs beside the others, so the consumer loop, the one stage that
+    // cannot be split, does no more per event than the relay does.
+    let (chunk_tx, mut chunk_rx) = mpsc::channel::<Vec<InFlight>>(16);
     let (batch_tx, mut batch_rx) = mpsc::channel::<Pending>(8);
     let emitter = Arc::new(Emitter { producer, config: config.clone() });
 
     let batcher = {
         let scoring = scoring.clone();
-        let (max_batch, max_delay) = (config.max_batch, config.max_delay);
+        let emitter = emitter.clone();
+        let (max_batch, max_delay, codec) = (config.max_batch, config.max_delay, config.input_codec);
         tokio::spawn(async move {
             let mut events = Vec::with_capacity(max_batch);
             let mut payments = Vec::with_capacity(max_batch);
+            let mut deadline = tokio::time::Instant::now();
+            // Wait for work, then fill the batch until it is full or due.
             loop {
-                let deadline = tokio::time::Instant::now() + max_delay;
-                // Wait for the first event of a batch, then fill until full or due.
-                match event_rx.recv().await {
-                    None => break,
-                    Some((event, payment)) => {
-                        events.push(event);
-                        payments.push(payment);
-                    }
-                }
-                while events.len() < max_batch {
+                let next = if events.is_empty() {
+                    chunk_rx.recv().await
+                } else {
                     // Take what is queued without a timer; arm one only to wait.
-                    let next = match event_rx.try_recv() {
-                        Ok(item) => Some(item),
+                    match chunk_rx.try_recv() {
+                        Ok(chunk) => Some(chunk),
                         Err(mpsc::error::TryRecvError::Disconnected) => None,
+                        // Due: an empty chunk, so the batch below is submitted.
                         Err(mpsc::error::TryRecvError::Empty) => {
-                            tokio::time::timeout_at(deadline, event_rx.recv()).await.ok().flatten()
+                            tokio::time::timeout_at(deadline, chunk_rx.recv()).await.unwrap_or(Some(Vec::new()))
                         }
-                    };
-                    let Some((event, payment)) = next else { break };
-                    events.push(event);
-                    payments.push(payment);
-                }
-                let reply = match scoring.submit(std::mem::take(&mut payments)).await {
-                    Ok(reply) => reply,
-                    Err(e) => {
-                        let (tx, rx) = oneshot::channel();
-                        let _ = tx.send(Err(e));
-                        rx
                     }
                 };
-                if batch_tx.send((std::mem::take(&mut events), reply)).await.is_err() {
+                let Some(mut chunk) = next else { break };
+                for event in chunk.drain(..) {
+                    match decode(&codec, &event.payload) {
+                        Ok(payment) => {
+                            if events.is_empty() {
+                                deadline = tokio::time::Instant::now() + max_delay;
+                            }
+                            events.push(event);
+                            payments.push(payment);
+                        }
+                        Err(error) => emitter.dead_letter(event, now_ms(), "undecodable", &error).await,
+                    }
+                    if events.len() == max_batch && !submit(&scoring, &batch_tx, &mut events, &mut payments).await {
+                        return;
+                    }
+                }
+                let due = tokio::time::Instant::now() >= deadline;
+                if !events.is_empty() && due && !submit(&scoring, &batch_tx, &mut events, &mut payments).await {
                     break;
                 }
+            }
+            if !events.is_empty() {
+                submit(&scoring, &batch_tx, &mut events, &mut payments).await;
             }
         })
     };
@@ -516,7 +538,9 @@ pub async fn run(
         })
     };
 
-    // The consumer loop.
+    // The consumer loop: wait for one event, then take the events that are
+    // already there (and have a slot), up to a batch, without waiting again.
+    let mut chunk = Vec::with_capacity(config.max_batch);
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -526,45 +550,52 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             message = consumer.recv() => message,
         };
-        let message = match message {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "consumer error");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        // The slot is given back by the delivery callback.
-        permit.forget();
-        shared.metrics.events_in.increment(1);
-        counters.consumed.fetch_add(1, Ordering::Relaxed);
-        if config.relay {
-            shared.tracker.begin(message.partition(), message.offset());
-            let delivery = Box::new(Delivery {
-                partition: message.partition(),
-                offset: message.offset(),
-                event_time: message.timestamp().to_millis().unwrap_or_else(now_ms),
-                kind: DeliveryKind::Scored,
-            });
-            let payload = message.payload().unwrap_or_default();
-            emitter.send(&config.output_topic, message.key(), payload, None, delivery).await;
-            continue;
-        }
-        let (event, decoded) = take_event(&message, &config.input_codec);
-        shared.tracker.begin(event.partition, event.offset);
-        match decoded {
-            Ok(payment) => {
-                if event_tx.send((event, payment)).await.is_err() {
+        let mut taken = 0;
+        let mut next = Some((permit, message));
+        while let Some((permit, message)) = next.take() {
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     break;
                 }
+            };
+            // The slot is given back by the delivery callback.
+            permit.forget();
+            taken += 1;
+            shared.tracker.begin(message.partition(), message.offset());
+            if config.relay {
+                let delivery = Box::new(Delivery {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    event_time: message.timestamp().to_millis().unwrap_or_else(now_ms),
+                    kind: DeliveryKind::Scored,
+                });
+                let payload = message.payload().unwrap_or_default();
+                emitter.send(&config.output_topic, message.key(), payload, None, delivery).await;
+            } else {
+                chunk.push(InFlight::of(&message));
             }
-            Err(error) => emitter.dead_letter(event, now_ms(), "undecodable", &error).await,
+            if taken < config.max_batch {
+                if let Ok(permit) = shared.in_flight.clone().try_acquire_owned() {
+                    next = consumer.recv().now_or_never().map(|message| (permit, message));
+                }
+            }
+        }
+        shared.metrics.events_in.increment(taken as u64);
+        counters.consumed.fetch_add(taken as u64, Ordering::Relaxed);
+        if !chunk.is_empty() {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(config.max_batch));
+            if chunk_tx.send(full).await.is_err() {
+                break;
+            }
         }
     }
 
     // Shutdown: stop reading, drain what is in flight, commit, let go.
     tracing::info!("shutting down: draining in-flight events");
-    drop(event_tx);
+    drop(chunk_tx);
     let _ = batcher.await;
     let _ = emitter_task.await;
     let deadline = Instant::now() + config.drain_timeout;
@@ -588,19 +619,32 @@ pub async fn run(
     Ok(())
 }
 
-fn take_event(message: &BorrowedMessage<'_>, codec: &Codec) -> (InFlight, Result<Payment, String>) {
-    let payload = message.payload().unwrap_or_default();
-    let decoded = if payload.is_empty() {
-        Err("empty message".to_string())
-    } else {
-        codec.decode_payment(payload).map_err(|e| e.to_string())
+/// A micro-batch's events, waiting for their scores.
+type Pending = (Vec<InFlight>, oneshot::Receiver<Result<ScoredBatch, ScoringError>>);
+
+/// Hands a micro-batch to the scoring service and its events to the
+/// emitter; false once the pipeline is shutting down.
+async fn submit(
+    scoring: &ScoringService,
+    batch_tx: &mpsc::Sender<Pending>,
+    events: &mut Vec<InFlight>,
+    payments: &mut Vec<Payment>,
+) -> bool {
+    let capacity = events.capacity();
+    let reply = match scoring.submit(std::mem::replace(payments, Vec::with_capacity(capacity))).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(e));
+            rx
+        }
     };
-    let event = InFlight {
-        partition: message.partition(),
-        offset: message.offset(),
-        key: message.key().map(<[u8]>::to_vec),
-        payload: payload.to_vec(),
-        headers: message.headers().map(|h| h.detach()),
-    };
-    (event, decoded)
+    batch_tx.send((std::mem::replace(events, Vec::with_capacity(capacity)), reply)).await.is_ok()
+}
+
+fn decode(codec: &Codec, payload: &[u8]) -> Result<Payment, String> {
+    if payload.is_empty() {
+        return Err("empty message".to_string());
+    }
+    codec.decode_payment(payload).map_err(|e| e.to_string())
 }
