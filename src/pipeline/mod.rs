@@ -5,9 +5,9 @@
 //! Data flow (one direction):
 //!
 //! ```text
-//! consumer loop --decode--> batcher --micro-batch--> ScoringService (model thread)
-//!      \--undecodable--> DLQ                              |
-//!                                 emitter <--scores-------+
+//! consumer loop --raw events, in chunks--> batcher: decode --micro-batch--> ScoringService (model thread)
+//!                                             \--undecodable--> DLQ                    |
+//!                                 emitter <--scores in batch order----------------------+
 //!                                    |--ScoredPayment--> output topic
 //!                                    \--unencodable----> DLQ
 //! broker ack (delivery callback) --> OffsetTracker --> store offset --> auto-commit
