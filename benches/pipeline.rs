@@ -367,7 +367,7 @@ async fn main() {
     publish_payments(&producer, &options, Simulator::new(events, 7), |_| {}).await.unwrap();
     let mut relay_rounds = Vec::new();
     let mut scorer_rounds = Vec::new();
-    for round in 0..2 {
+    for round in 0..3 {
         for relay in [true, false] {
             if std::env::var("BENCH_PIPELINE").is_ok_and(|p| p != if relay { "relay" } else { "scorer" }) {
                 continue;
@@ -484,7 +484,7 @@ async fn main() {
     if let Some(path) = headline_file {
         std::fs::write(path, headline.join("\n") + "\n").unwrap();
     }
-    out.push_str(&format!("### Throughput ({events} events, 4 partitions, best of 2 alternating rounds)\n\nCPU per event: CPU time of the pipeline's process (and of the broker) over the round, divided by the events.\n\n| pipeline | rounds (events/s) | best | CPU per event, pipeline (broker) |\n|---|---|---|---|\n"));
+    out.push_str(&format!("### Throughput ({events} events, 4 partitions, best of 3 alternating rounds)\n\nCPU per event: CPU time of the pipeline's process (and of the broker) over the round, divided by the events.\n\n| pipeline | rounds (events/s) | best | CPU per event, pipeline (broker) |\n|---|---|---|---|\n"));
     let row = |name: &str, rounds: &[Drain], best: f64| {
         let join = |f: &dyn Fn(&Drain) -> String| rounds.iter().map(f).collect::<Vec<_>>().join(", ");
         format!(
