@@ -146,6 +146,44 @@ async fn drain_topic(config: ScorerConfig, events: u64) -> Drain {
     drain
 }
 
+/// apache-avro's serde reader and writer over the same schemas and framing,
+/// to put the cost of fraudstream's hand-written codec beside it.
+struct ReferenceAvro {
+    payment: apache_avro::reader::datum::GenericDatumReader<'static>,
+    scored: apache_avro::writer::datum::GenericDatumWriter<'static>,
+}
+
+impl ReferenceAvro {
+    fn new() -> Self {
+        let schema = |json: &str| -> &'static apache_avro::Schema {
+            Box::leak(Box::new(apache_avro::Schema::parse_str(json).unwrap()))
+        };
+        Self {
+            payment: apache_avro::reader::datum::GenericDatumReader::builder(schema(
+                fraudstream::codec::PAYMENT_SCHEMA_JSON,
+            ))
+            .build()
+            .unwrap(),
+            scored: apache_avro::writer::datum::GenericDatumWriter::builder(schema(
+                fraudstream::codec::SCORED_PAYMENT_SCHEMA_JSON,
+            ))
+            .build()
+            .unwrap(),
+        }
+    }
+
+    fn decode_payment(&self, bytes: &[u8]) -> fraudstream::Payment {
+        self.payment.read_deser(&mut &bytes[5..]).unwrap()
+    }
+
+    fn encode_scored(&self, scored: &fraudstream::ScoredPayment) -> Vec<u8> {
+        let mut out = Vec::with_capacity(192);
+        out.extend_from_slice(&[0, 0, 0, 0, 1]);
+        self.scored.write_ser(&mut out, scored).unwrap();
+        out
+    }
+}
+
 /// Runs the `fraudstream score` binary over the whole input topic and reads
 /// its peak resident set size (VmHWM) before stopping it.
 async fn scorer_process_peak_rss(kafka: &KafkaArgs, input: &str, store: &str, events: u64) -> f64 {
@@ -454,14 +492,11 @@ async fn main() {
     sim.write_csv(&mut null).unwrap();
     std::io::Write::flush(&mut null).unwrap();
     let sim_rate = 3_000_000.0 / started.elapsed().as_secs_f64();
-    // The codec's share of an event: Avro decode of the payment, encode of the scored payment.
+    // The codec's share of an event, side by side with apache-avro's serde
+    // path (the reference the hand-written codec is tested against).
     let payloads: Vec<Vec<u8>> = Simulator::new(200_000, 3).map(|p| CODEC.encode_payment(&p).unwrap()).collect();
-    let started = Instant::now();
-    let decoded: Vec<_> = payloads.iter().map(|b| CODEC.decode_payment(b).unwrap()).collect();
-    let decode_us = started.elapsed().as_secs_f64() * 1e6 / payloads.len() as f64;
-    let started = Instant::now();
-    for payment in decoded {
-        let scored = fraudstream::ScoredPayment {
+    let scored: Vec<fraudstream::ScoredPayment> = Simulator::new(200_000, 3)
+        .map(|payment| fraudstream::ScoredPayment {
             payment,
             fraud_probability: 0.1,
             is_fraud: false,
@@ -469,10 +504,18 @@ async fn main() {
             model_name: "payfraud".into(),
             model_version: "1700000000".into(),
             scored_at: 0,
-        };
-        std::hint::black_box(CODEC.encode_scored(&scored).unwrap());
-    }
-    let encode_us = started.elapsed().as_secs_f64() * 1e6 / payloads.len() as f64;
+        })
+        .collect();
+    let per_event_us = |f: &mut dyn FnMut(usize)| {
+        let started = Instant::now();
+        (0..payloads.len()).for_each(&mut *f);
+        started.elapsed().as_secs_f64() * 1e6 / payloads.len() as f64
+    };
+    let decode_us = per_event_us(&mut |i| drop(std::hint::black_box(CODEC.decode_payment(&payloads[i]).unwrap())));
+    let encode_us = per_event_us(&mut |i| drop(std::hint::black_box(CODEC.encode_scored(&scored[i]).unwrap())));
+    let reference = ReferenceAvro::new();
+    let reference_decode_us = per_event_us(&mut |i| drop(std::hint::black_box(reference.decode_payment(&payloads[i]))));
+    let reference_encode_us = per_event_us(&mut |i| drop(std::hint::black_box(reference.encode_scored(&scored[i]))));
 
     let h = &outcome.holdout;
     // The headline cells, one per line, for scripts/bench to put the runs on
@@ -501,7 +544,7 @@ async fn main() {
         out.push_str(&format!("| {batch} | {rate:.0} |\n"));
     }
     out.push_str(&format!(
-        "\n### Other\n\n| measure | result |\n|---|---|\n| trainer, 594,643 simulated rows (load, split, MLP + baseline, export, publish) | {trainer_seconds:.1} s |\n| holdout ROC-AUC / AP (MLP) | {:.4} / {:.4} |\n| holdout ROC-AUC / AP (logistic baseline) | {:.4} / {:.4} |\n| simulator to CSV on /dev/null (one thread) | {sim_rate:.0} rows/s |\n| Avro (Confluent) decode of a payment / encode of a scored payment | {decode_us:.2} / {encode_us:.2} us |\n| peak RSS of the `fraudstream score` process over the {events}-event stream | {scorer_rss:.0} MiB |\n| peak RSS of the benchmark process (throughput phase: in-process scorer, relay, publisher, HTTP client) | {:.0} MiB |\n",
+        "\n### Other\n\n| measure | result |\n|---|---|\n| trainer, 594,643 simulated rows (load, split, MLP + baseline, export, publish) | {trainer_seconds:.1} s |\n| holdout ROC-AUC / AP (MLP) | {:.4} / {:.4} |\n| holdout ROC-AUC / AP (logistic baseline) | {:.4} / {:.4} |\n| simulator to CSV on /dev/null (one thread) | {sim_rate:.0} rows/s |\n| Avro (Confluent) decode of a payment / encode of a scored payment: fraudstream's codec | {decode_us:.2} / {encode_us:.2} us |\n| the same with apache-avro's serde reader and writer | {reference_decode_us:.2} / {reference_encode_us:.2} us |\n| peak RSS of the `fraudstream score` process over the {events}-event stream | {scorer_rss:.0} MiB |\n| peak RSS of the benchmark process (throughput phase: in-process scorer, relay, publisher, HTTP client) | {:.0} MiB |\n",
         h.roc_auc, h.average_precision, outcome.baseline.roc_auc, outcome.baseline.average_precision, peak_rss_mib("self")
     ));
     println!("{out}");
