@@ -175,7 +175,9 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
     assert_nothing_lost(&sent, outputs, &seen, "kill -9 and restart");
 }
 
-/// 2. Two scorers in one group; one is stopped mid-stream (SIGTERM); the other takes over its partitions.
+/// 2. Two scorers in one group: the second joins mid-stream (the first hands
+/// over partitions while it is busy), then the first is stopped mid-stream
+/// (SIGTERM) and the other takes over its partitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopped_group_member_is_replaced_by_the_other() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,17 +185,27 @@ async fn a_stopped_group_member_is_replaced_by_the_other() {
     let store = local_model(dir.path()).await;
     let topic = topic_for(&kafka, 4).await;
     let group = common::unique("group");
+    // A backlog first, so the first member is busy (and holds events it has
+    // read) when the second joins; more arrives while they work.
+    let sent = payments(60_000, 22);
+    let (backlog, live) = sent.split_at(40_000);
+    common::publish(&common::input_producer(), &topic, &records(backlog)).await;
     let mut a = Scorer::spawn(&kafka, &topic, &store, &group, dir.path(), &[]);
-    let mut b = Scorer::spawn(&kafka, &topic, &store, &group, dir.path(), &[]);
-    a.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
-    b.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
-    let sent = payments(30_000, 22);
-    let publishing = common::publish_in_background(&topic, records(&sent));
+    let publishing = common::publish_in_background(&topic, records(live));
     a.wait_until("outputs from the first member", Duration::from_secs(60), async |s| {
         s.metric("fraudstream_events_out_total").await >= 2_000.0
     })
     .await;
-    // Killed with SIGTERM: tansu 0.6.0 never expires the session of a member
+    // The second member joins while the first is consuming: the first revokes
+    // two partitions mid-stream and must drain them promptly, not wait out
+    // its drain timeout on events it still holds itself.
+    let mut b = Scorer::spawn(&kafka, &topic, &store, &group, dir.path(), &[]);
+    b.wait_until("the new member to own 2 partitions", Duration::from_secs(60), async |s| {
+        s.assigned_partitions().await == Some(2)
+    })
+    .await;
+    assert!(!a.log().contains("drain timed out"), "revoke drain timed out:\n{}", a.log());
+    // Stopped with SIGTERM: tansu 0.6.0 never expires the session of a member
     // killed with SIGKILL (it keeps assigning it partitions), so a crash is
     // covered by `kill_9_mid_stream_then_restart_loses_nothing` instead.
     a.stop();
@@ -206,7 +218,7 @@ async fn a_stopped_group_member_is_replaced_by_the_other() {
     let (outputs, seen) = read_ids(&kafka, &format!("{topic}-out"), sent.len(), Duration::from_secs(40)).await;
     assert!(b.alive());
     b.stop();
-    assert_nothing_lost(&sent, outputs, &seen, "two members, one stopped");
+    assert_nothing_lost(&sent, outputs, &seen, "two members, one joining and one stopped mid-stream");
 }
 
 /// 6. 10,000 malformed events mixed into 100,000 good ones.

@@ -149,6 +149,42 @@ struct Shared {
     counters: Arc<PipelineCounters>,
     metrics: EventMetrics,
     drain_timeout: Duration,
+    intake: Intake,
+}
+
+/// Events read but not yet handed to the batcher, kept where the rebalance
+/// hook can reach them: it runs inside `consumer.recv()`, possibly in the
+/// middle of a chunk, and must pass those events on before it waits for the
+/// revoked partitions to drain, or it would wait for them in vain.
+struct Intake {
+    chunk: Mutex<Vec<InFlight>>,
+    /// Taken at shutdown, so the batcher sees the channel close.
+    batcher: Mutex<Option<mpsc::Sender<Vec<InFlight>>>>,
+}
+
+impl Intake {
+    fn take_chunk(&self) -> Vec<InFlight> {
+        let mut chunk = self.chunk.lock().expect("intake lock");
+        let capacity = chunk.len();
+        std::mem::replace(&mut *chunk, Vec::with_capacity(capacity))
+    }
+
+    /// Hands the held events to the batcher from a thread that must not
+    /// await (the rebalance hook); the batcher runs on other threads.
+    fn flush_blocking(&self) {
+        let mut chunk = self.take_chunk();
+        let Some(batcher) = self.batcher.lock().expect("intake lock").clone() else { return };
+        while !chunk.is_empty() {
+            match batcher.try_send(chunk) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    chunk = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -188,8 +224,10 @@ impl ConsumerContext for ConsumerHooks {
         let revoked: Vec<(String, i32)> =
             list.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         metrics::counter!(metric::REBALANCES, "kind" => "revoke").increment(1);
-        // Drain: wait until every event of the revoked partitions is acknowledged
-        // (the batcher and emitter run on other threads), then commit.
+        // Drain: pass on the events the consumer loop holds, wait until every
+        // event of the revoked partitions is acknowledged (the batcher and
+        // emitter run on other threads), then commit.
+        self.0.intake.flush_blocking();
         let deadline = Instant::now() + self.0.drain_timeout;
         while self.0.tracker.in_flight(Some(&revoked)) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
@@ -430,6 +468,7 @@ pub async fn run(
         counters: counters.clone(),
         metrics: EventMetrics::new(),
         drain_timeout: config.drain_timeout,
+        intake: Intake { chunk: Mutex::new(Vec::new()), batcher: Mutex::new(None) },
     });
     let producer: ThreadedProducer<DeliveryHooks> = config
         .kafka
@@ -475,6 +514,7 @@ pub async fn run(
     // stage runs beside the others, so the consumer loop, the one stage that
     // cannot be split, does no more per event than the relay does.
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Vec<InFlight>>(16);
+    *shared.intake.batcher.lock().expect("intake lock") = Some(chunk_tx.clone());
     let (batch_tx, mut batch_rx) = mpsc::channel::<Pending>(8);
     let emitter = Arc::new(Emitter { producer, config: config.clone() });
 
@@ -540,7 +580,6 @@ pub async fn run(
 
     // The consumer loop: wait for one event, then take the events that are
     // already there (and have a slot), up to a batch, without waiting again.
-    let mut chunk = Vec::with_capacity(config.max_batch);
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -575,7 +614,7 @@ pub async fn run(
                 let payload = message.payload().unwrap_or_default();
                 emitter.send(&config.output_topic, message.key(), payload, None, delivery).await;
             } else {
-                chunk.push(InFlight::of(&message));
+                shared.intake.chunk.lock().expect("intake lock").push(InFlight::of(&message));
             }
             if taken < config.max_batch {
                 if let Ok(permit) = shared.in_flight.clone().try_acquire_owned() {
@@ -585,17 +624,16 @@ pub async fn run(
         }
         shared.metrics.events_in.increment(taken as u64);
         counters.consumed.fetch_add(taken as u64, Ordering::Relaxed);
-        if !chunk.is_empty() {
-            let full = std::mem::replace(&mut chunk, Vec::with_capacity(config.max_batch));
-            if chunk_tx.send(full).await.is_err() {
-                break;
-            }
+        let chunk = shared.intake.take_chunk();
+        if !chunk.is_empty() && chunk_tx.send(chunk).await.is_err() {
+            break;
         }
     }
 
     // Shutdown: stop reading, drain what is in flight, commit, let go.
     tracing::info!("shutting down: draining in-flight events");
     drop(chunk_tx);
+    shared.intake.batcher.lock().expect("intake lock").take();
     let _ = batcher.await;
     let _ = emitter_task.await;
     let deadline = Instant::now() + config.drain_timeout;
@@ -647,4 +685,41 @@ fn decode(codec: &Codec, payload: &[u8]) -> Result<Payment, String> {
         return Err("empty message".to_string());
     }
     codec.decode_payment(payload).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(offset: i64) -> InFlight {
+        InFlight { partition: 0, offset, key: None, payload: vec![1], headers: None }
+    }
+
+    /// The rebalance hook hands over what the consumer loop holds, waiting
+    /// (without a runtime) while the batcher's queue is full.
+    #[test]
+    fn held_events_reach_the_batcher_from_the_rebalance_hook() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        tx.try_send(vec![event(0)]).unwrap();
+        let intake = Arc::new(Intake { chunk: Mutex::new(vec![event(1), event(2)]), batcher: Mutex::new(Some(tx)) });
+        let hook = std::thread::spawn({
+            let intake = intake.clone();
+            move || intake.flush_blocking()
+        });
+        let offsets: Vec<i64> = runtime.block_on(async {
+            let mut offsets = Vec::new();
+            while offsets.len() < 3 {
+                offsets.extend(rx.recv().await.unwrap().iter().map(|e| e.offset));
+            }
+            offsets
+        });
+        hook.join().unwrap();
+        assert_eq!(offsets, [0, 1, 2]);
+        assert!(intake.take_chunk().is_empty());
+        // After shutdown (no batcher) there is nowhere to hand events to; the hook returns.
+        intake.batcher.lock().unwrap().take();
+        intake.chunk.lock().unwrap().push(event(3));
+        intake.flush_blocking();
+    }
 }
