@@ -142,7 +142,7 @@ impl EventMetrics {
 struct Shared {
     tracker: OffsetTracker,
     state: Arc<PipelineState>,
-    in_flight: Arc<Semaphore>,
+    in_flight: Semaphore,
     /// Weak: the consumer owns this struct through its hooks; a strong
     /// reference would keep it alive (and in the group) forever.
     consumer: OnceLock<Weak<ScorerConsumer>>,
@@ -463,7 +463,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         tracker: OffsetTracker::new(&config.input_topic),
         state: state.clone(),
-        in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+        in_flight: Semaphore::new(config.max_in_flight),
         consumer: OnceLock::new(),
         counters: counters.clone(),
         metrics: EventMetrics::new(),
@@ -583,7 +583,7 @@ pub async fn run(
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
-            permit = shared.in_flight.clone().acquire_owned() => permit.expect("semaphore open"),
+            permit = shared.in_flight.acquire() => permit.expect("semaphore open"),
         };
         let message = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -614,10 +614,12 @@ pub async fn run(
                 let payload = message.payload().unwrap_or_default();
                 emitter.send(&config.output_topic, message.key(), payload, None, delivery).await;
             } else {
+                // Locked per event, never across recv(): the rebalance hook
+                // takes the same lock from inside recv() on this thread.
                 shared.intake.chunk.lock().expect("intake lock").push(InFlight::of(&message));
             }
             if taken < config.max_batch {
-                if let Ok(permit) = shared.in_flight.clone().try_acquire_owned() {
+                if let Ok(permit) = shared.in_flight.try_acquire() {
                     next = consumer.recv().now_or_never().map(|message| (permit, message));
                 }
             }
