@@ -271,12 +271,15 @@ impl Payment {
 mod tests {
     use super::*;
 
-    const SAMPLE: &str = "../shared/banksim/bs140513_100_customers.csv";
-
     #[test]
     fn reads_the_real_banksim_file() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(SAMPLE);
-        let file = std::io::BufReader::new(std::fs::File::open(&path).expect("shared/banksim is beside the checkout"));
+        // shared/ sits beside the checkout unless FRAUDSTREAM_SHARED_DIR says otherwise.
+        let shared = std::env::var_os("FRAUDSTREAM_SHARED_DIR")
+            .map_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"), Into::into);
+        let path = shared.join("banksim/bs140513_100_customers.csv");
+        let file = std::io::BufReader::new(
+            std::fs::File::open(&path).expect("shared/ beside the checkout, or set FRAUDSTREAM_SHARED_DIR"),
+        );
         let rows: Vec<Payment> = BankSimReader::new(file).unwrap().map(|r| r.unwrap()).collect();
         assert_eq!(rows.len(), 15_534);
         assert_eq!(rows.iter().filter(|p| p.fraud == Some(true)).count(), 92);

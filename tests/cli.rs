@@ -114,7 +114,7 @@ fn produce_then_consume_round_trips_through_the_broker() {
 fn produce_publishes_the_real_banksim_file() {
     let kafka = common::kafka();
     let topic = common::unique("cli-banksim");
-    let csv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/banksim/bs140513_100_customers.csv");
+    let csv = common::shared_dir().join("banksim/bs140513_100_customers.csv");
     let summary = run_ok(
         fraudstream()
             .args(["produce", "--brokers", &kafka.brokers, "--topic", &topic, "--rate", "50000", "--csv"])

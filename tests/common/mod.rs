@@ -84,6 +84,12 @@ pub async fn publish(producer: &rdkafka::producer::FutureProducer, topic: &str, 
     }
 }
 
+/// The project's read-only `shared/` folder: beside the checkout, or FRAUDSTREAM_SHARED_DIR.
+pub fn shared_dir() -> std::path::PathBuf {
+    std::env::var_os("FRAUDSTREAM_SHARED_DIR")
+        .map_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"), Into::into)
+}
+
 /// Payments as (customer key, encoded payload) records, as producers key them.
 pub fn keyed_records(codec: &fraudstream::Codec, payments: &[fraudstream::Payment]) -> Vec<(String, Vec<u8>)> {
     payments.iter().map(|p| (p.customer.clone(), codec.encode_payment(p).unwrap())).collect()

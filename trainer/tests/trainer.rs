@@ -160,12 +160,15 @@ async fn trains_from_s3_data_and_retrains_on_a_schedule() {
     let store = store_url();
     let bucket = env("FRAUDSTREAM_TEST_BUCKET");
     let key = format!("data-{}/banksim.csv", fastrand());
-    let csv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/banksim/bs140513_100_customers.csv");
+    // shared/ sits beside the checkout unless FRAUDSTREAM_SHARED_DIR says otherwise.
+    let shared = std::env::var_os("FRAUDSTREAM_SHARED_DIR")
+        .map_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"), Into::into);
+    let csv = shared.join("banksim/bs140513_100_customers.csv");
     let s3 = fraudstream::model::s3_client().await;
     s3.put_object()
         .bucket(&bucket)
         .key(&key)
-        .body(std::fs::read(&csv).expect("shared/banksim beside the checkout").into())
+        .body(std::fs::read(&csv).expect("shared/ beside the checkout, or set FRAUDSTREAM_SHARED_DIR").into())
         .send()
         .await
         .unwrap();
