@@ -1,4 +1,4 @@
-//! The streaming scorer against the real broker (tansu) and S3 store
+//! The streaming scorer against the real broker (Apache Kafka) and S3 store
 //! (Garage): every valid payment scored exactly once, every invalid one
 //! dead-lettered with its reason, models swapped mid-stream, restarts lose
 //! nothing, and stream scores equal the trainer's model's scores.

@@ -45,11 +45,8 @@ async fn consumer_group_round_trip_and_resume_after_restart() {
     let topic = common::unique("smoke");
     fraudstream::kafka::ensure_topics(&kafka, &[&topic], 3).await.unwrap();
 
-    // One record per batch: tansu 0.6.0 returns nothing when a fetch starts in
-    // the middle of a record batch, so resuming from a committed offset would
-    // stall (a test-broker limitation; Apache Kafka handles it).
-    let producer: FutureProducer =
-        kafka.client_config(&[("enable.idempotence", "true"), ("batch.num.messages", "1")]).create().unwrap();
+    // Ordinary lz4 batches: the second member resumes inside one.
+    let producer: FutureProducer = common::input_producer();
     let deliveries: Vec<_> = (0..1000u32)
         .map(|i| {
             let payload = i.to_string();

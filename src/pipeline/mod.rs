@@ -493,9 +493,6 @@ pub async fn run(
                 ("enable.auto.offset.store", "false"),
                 ("auto.offset.reset", "earliest"),
                 ("statistics.interval.ms", "5000"),
-                // Return fetches quickly: brokers that hold a fetch for its full
-                // wait (stock tansu does) would otherwise add up to 500 ms of latency.
-                ("fetch.wait.max.ms", "10"),
                 // When the local queue is full, look again after 10 ms, not the
                 // default 1 s: the default caps a catching-up consumer near 150k
                 // events/s however fast the broker and the scorer are.

@@ -14,7 +14,7 @@ fn required_env(name: &str) -> String {
     })
 }
 
-/// The test broker (tansu on 127.0.0.1:9092 under `make test`).
+/// The test broker (Apache Kafka on 127.0.0.1:9092 under `make test`).
 pub fn kafka() -> KafkaArgs {
     KafkaArgs::new(required_env("FRAUDSTREAM_TEST_BROKERS"))
 }
@@ -57,14 +57,15 @@ pub fn s3_store() -> String {
     format!("s3://{}/{}", bucket(), unique("models"))
 }
 
-/// A producer for test input. One record per batch: tansu 0.6.0 returns
-/// nothing when a fetch starts inside a record batch, so a consumer resuming
-/// from a committed offset would stall (Apache Kafka handles it).
+/// How test input is produced: as production producers do, idempotent, in
+/// lz4-compressed multi-record batches, so a consumer resuming from a
+/// committed offset usually starts in the middle of one.
+pub const INPUT_PRODUCER_SETTINGS: [(&str, &str); 4] =
+    [("enable.idempotence", "true"), ("compression.type", "lz4"), ("linger.ms", "20"), ("batch.num.messages", "10000")];
+
+/// A producer for test input on the test broker (`INPUT_PRODUCER_SETTINGS`).
 pub fn input_producer() -> rdkafka::producer::FutureProducer {
-    kafka()
-        .client_config(&[("enable.idempotence", "true"), ("batch.num.messages", "1"), ("linger.ms", "1")])
-        .create()
-        .expect("producer")
+    kafka().client_config(&INPUT_PRODUCER_SETTINGS).create().expect("producer")
 }
 
 /// Publishes raw (key, payload) records and waits for every ack.
@@ -100,6 +101,20 @@ pub fn keyed_records(codec: &fraudstream::Codec, payments: &[fraudstream::Paymen
 pub fn publish_in_background(topic: &str, records: Vec<(String, Vec<u8>)>) -> tokio::task::JoinHandle<()> {
     let topic = topic.to_string();
     tokio::spawn(async move { publish(&input_producer(), &topic, &records).await })
+}
+
+/// Publishes `records` at about `per_second` (a tenth of it every 100 ms)
+/// on a task of its own, so a fault can strike while input still arrives.
+pub fn publish_paced(topic: &str, records: Vec<(String, Vec<u8>)>, per_second: usize) -> tokio::task::JoinHandle<()> {
+    let topic = topic.to_string();
+    tokio::spawn(async move {
+        let producer = input_producer();
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        for chunk in records.chunks((per_second / 10).max(1)) {
+            tick.tick().await;
+            publish(&producer, &topic, chunk).await;
+        }
+    })
 }
 
 /// Reads a topic from the beginning until `until` says stop or nothing new
