@@ -77,23 +77,18 @@ fn scorer_config(
             dead_letter_topic: format!("{output}-dlq"),
             input_codec: CODEC,
             output_codec: CODEC,
-            max_batch: 1024,
-            max_delay: Duration::from_millis(2),
             max_in_flight: env_u64("BENCH_IN_FLIGHT", 100_000) as usize,
-            drain_timeout: Duration::from_secs(30),
-            relay,
+            relay_baseline: relay,
+            ..PipelineConfig::default()
         },
         watch: WatchConfig {
             store: store.into(),
-            pinned_version: None,
             poll_interval: Duration::from_secs(3600),
-            device: tch::Device::Cpu,
             cache_dir: cache.to_path_buf(),
+            ..WatchConfig::default()
         },
         http_addr: None,
-        model_name: "payfraud".into(),
-        body_limit: 1 << 20,
-        create_topics: Some(4),
+        ..ScorerConfig::default()
     }
 }
 
@@ -445,15 +440,8 @@ async fn main() {
     scoring.swap(Model::load(&files.dir, tch::Device::Cpu).unwrap()).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = router(
-        ApiState {
-            scoring: scoring.clone(),
-            model_name: "payfraud".into(),
-            pipeline: None,
-            prometheus: fraudstream::telemetry::prometheus(),
-        },
-        1 << 20,
-    );
+    let app =
+        router(ApiState::new(scoring.clone(), "payfraud", None, fraudstream::api::DEFAULT_REST_CONCURRENCY), 1 << 20);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let model = Model::load(&files.dir, tch::Device::Cpu).unwrap();
     let rows: Vec<Vec<f32>> = Simulator::new(http_calls, 9).map(|p| model.encoder().encode(&p).unwrap()).collect();

@@ -4,7 +4,9 @@
 //! `/metrics` for operators.
 //!
 //! Every request goes through the same `ScoringService` as the stream: one
-//! model, one encoder, coalesced into the same forward passes.
+//! model, one encoder, coalesced into the same forward passes. REST has a
+//! concurrency limit of its own (429 beyond it), so a flood of requests can
+//! take only that many places in the model's queue and never stalls the stream.
 
 use std::sync::Arc;
 
@@ -33,6 +35,30 @@ pub struct ApiState {
     /// The stream pipeline, if this process runs one (for `/readyz`).
     pub pipeline: Option<Arc<PipelineState>>,
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    /// Places for REST scoring requests; none left means 429.
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Default of `--max-rest-concurrency`: REST scoring requests at once.
+pub const DEFAULT_REST_CONCURRENCY: usize = 8;
+
+impl ApiState {
+    /// At most `max_concurrency` scoring requests at once (each takes one
+    /// place in the model's queue, which holds 64).
+    pub fn new(
+        scoring: ScoringService,
+        model_name: impl Into<String>,
+        pipeline: Option<Arc<PipelineState>>,
+        max_concurrency: usize,
+    ) -> Self {
+        Self {
+            scoring,
+            model_name: model_name.into(),
+            pipeline,
+            prometheus: crate::telemetry::prometheus(),
+            slots: Arc::new(tokio::sync::Semaphore::new(max_concurrency.max(1))),
+        }
+    }
 }
 
 /// The router; `body_limit` caps request bodies (larger ones get 413).
@@ -65,7 +91,7 @@ impl From<ScoringError> for ApiError {
         match e {
             ScoringError::NoModel => ApiError(StatusCode::SERVICE_UNAVAILABLE, "no model loaded yet".into()),
             ScoringError::BadWidth { .. } => bad_request(e.to_string()),
-            ScoringError::Stopped | ScoringError::Model(_) => {
+            ScoringError::Stopped | ScoringError::Model(_) | ScoringError::NotProbabilities { .. } => {
                 ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
             }
         }
@@ -75,9 +101,21 @@ impl From<ScoringError> for ApiError {
 async fn ready(State(s): State<ApiState>) -> Response {
     let model = s.scoring.model();
     let partitions = s.pipeline.as_ref().map(|p| p.assigned_partitions());
-    let is_ready = model.is_some() && partitions.is_none_or(|n| n > 0);
+    let failure = s.pipeline.as_ref().and_then(|p| p.failure().map(ToString::to_string));
+    let waiting = s.pipeline.as_ref().and_then(|p| p.waiting());
+    let is_ready = model.is_some() && partitions.is_none_or(|n| n > 0) && failure.is_none();
+    let reason = if let Some(failure) = &failure {
+        Some(format!("the pipeline failed and is stopping: {failure}"))
+    } else if model.is_none() {
+        Some("no model loaded yet".to_string())
+    } else if partitions == Some(0) {
+        Some(waiting.unwrap_or_else(|| "no input partitions assigned (yet)".to_string()))
+    } else {
+        None
+    };
     let body = json!({
         "ready": is_ready,
+        "reason": reason,
         "model_version": model.map(|m| m.version.clone()),
         "assigned_partitions": partitions,
     });
@@ -212,6 +250,13 @@ async fn model_post(
         let body =
             body.map_err(|e| ApiError(e.status(), format!("cannot read the request body: {}", e.body_text())))?;
         resolve(&s, &path)?.ok_or(ScoringError::NoModel)?;
+        let _slot = s.slots.clone().try_acquire_owned().map_err(|_| {
+            metrics::counter!(metric::HTTP_REJECTED).increment(1);
+            ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many scoring requests at once (--max-rest-concurrency); retry shortly".into(),
+            )
+        })?;
         match path.action {
             Some("predict") => predict(&s, &path, &body).await,
             Some("score") => score(&s, &path, &body).await,
@@ -365,19 +410,10 @@ async fn score(s: &ApiState, path: &ModelPath<'_>, body: &[u8]) -> Result<Value,
     let batch = s.scoring.score_payments(payments).await?;
     check_version(path, &batch.model.version)?;
     let scored_at = now_ms();
-    let mut predictions = Vec::with_capacity(batch.payments.len());
+    let mut predictions: Vec<ScoredPayment> = Vec::with_capacity(batch.payments.len());
     for (i, (payment, result)) in batch.payments.into_iter().zip(batch.results).enumerate() {
         let [_, p] = result.map_err(|e| bad_request(format!("instances[{i}]: {e}")))?;
-        let fraud_probability = f64::from(p);
-        predictions.push(ScoredPayment {
-            payment,
-            fraud_probability,
-            is_fraud: fraud_probability >= batch.model.threshold,
-            threshold: batch.model.threshold,
-            model_name: s.model_name.clone(),
-            model_version: batch.model.version.clone(),
-            scored_at,
-        });
+        predictions.push(batch.model.verdict(payment, p, scored_at));
     }
     metrics::counter!(metric::HTTP_ROWS_SCORED).increment(predictions.len() as u64);
     Ok(json!({ "predictions": predictions }))

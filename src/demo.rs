@@ -195,22 +195,19 @@ pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
             output_codec: codec,
             max_batch: config.max_batch,
             max_delay: config.max_delay,
-            max_in_flight: 100_000,
-            drain_timeout: Duration::from_secs(30),
-            relay: false,
+            ..PipelineConfig::default()
         },
         watch: WatchConfig {
             store: store.clone(),
-            pinned_version: None,
             poll_interval: Duration::from_secs(5),
             device,
             cache_dir: temp.path().join("cache"),
+            ..WatchConfig::default()
         },
         http_addr: config.http_addr,
-        model_name: "payfraud".into(),
-        body_limit: 4 << 20,
         // The mock cluster has no CreateTopics; its topics were made above.
         create_topics: config.kafka.as_ref().map(|_| config.partitions),
+        ..ScorerConfig::default()
     };
     let scorer = tokio::spawn(crate::scorer::run(scorer_config, parts.clone(), shutdown.clone()));
     // The payment producer starts while the scorer does: an idempotent

@@ -79,6 +79,11 @@ pub enum EncodeError {
     UnknownValue { payment_id: String, field: &'static str, value: String, known: String },
     #[error(transparent)]
     Invalid(#[from] crate::payment::InvalidPayment),
+    #[error(
+        "payment {payment_id:?}: amount {amount} scales to {value} as a model feature (a 32-bit float), \
+         which the model cannot score; amounts must stay below about 3.4e38"
+    )]
+    NonFiniteFeature { payment_id: String, amount: f64, value: f32 },
 }
 
 /// Encodes payments into feature rows according to a `FeatureSpec`.
@@ -116,6 +121,15 @@ impl FeatureEncoder {
         let gender = lookup(&self.spec.genders, &payment.gender, "gender")?;
         row.fill(0.0);
         row[0] = ((payment.amount - self.spec.amount_min) * self.amount_scale) as f32;
+        // Finite in f64 is not enough: the cast to f32 overflows to inf, and
+        // the model's NaN would then slip past `p >= threshold` unflagged.
+        if !row[0].is_finite() {
+            return Err(EncodeError::NonFiniteFeature {
+                payment_id: payment.payment_id.clone(),
+                amount: payment.amount,
+                value: row[0],
+            });
+        }
         let mut offset = 1;
         row[offset + category] = 1.0;
         offset += self.spec.categories.len();
@@ -202,6 +216,15 @@ mod tests {
         assert!(encoder.encode(&payment("es_food", "3", "X", 1.0)).is_err());
         assert!(matches!(encoder.encode(&payment("es_food", "3", "M", f64::NAN)), Err(EncodeError::Invalid(_))));
         assert!(matches!(encoder.encode(&payment("es_food", "3", "M", -3.0)), Err(EncodeError::Invalid(_))));
+    }
+
+    #[test]
+    fn an_amount_beyond_f32_is_bad_input_not_a_nan_score() {
+        let encoder = FeatureEncoder::new(FeatureSpec::banksim(0.0, 8329.96));
+        // Finite as f64, infinite once scaled and cast to the model's f32.
+        let err = encoder.encode(&payment("es_food", "3", "M", 1e43)).unwrap_err();
+        assert!(matches!(err, EncodeError::NonFiniteFeature { value, .. } if value.is_infinite()), "{err}");
+        assert!(encoder.encode(&payment("es_food", "3", "M", 1e30)).is_ok(), "large but representable");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use fraudstream::kafka::{ensure_topics, KafkaArgs};
 use fraudstream::model::Device;
 use fraudstream::model_watch::WatchConfig;
 use fraudstream::payment::BankSimReader;
-use fraudstream::pipeline::PipelineConfig;
+use fraudstream::pipeline::{GuardLimits, PipelineConfig};
 use fraudstream::produce::{create_producer, publish_payments, PublishOptions};
 use fraudstream::scorer::{ScorerConfig, ScorerParts};
 use fraudstream::telemetry::{init_logging, LogFormat};
@@ -103,12 +103,29 @@ struct ScoreArgs {
     /// Most events read but not yet acknowledged downstream (backpressure).
     #[arg(long, env = "FRAUDSTREAM_MAX_IN_FLIGHT", default_value_t = 100_000)]
     max_in_flight: usize,
+    /// Most payload bytes read but not yet acknowledged (bounds memory; the
+    /// output producer's queue is sized to match). Default 256 MiB, for the
+    /// 2 GiB pod limit in k8s/.
+    #[arg(long, env = "FRAUDSTREAM_MAX_IN_FLIGHT_BYTES", default_value_t = 256 << 20)]
+    max_in_flight_bytes: usize,
     /// Longest a partition revoke or shutdown waits for in-flight events.
     #[arg(long, env = "FRAUDSTREAM_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
-    /// Benchmark baseline: forward input events unchanged to the output topic, no decoding or scoring.
-    #[arg(long, env = "FRAUDSTREAM_RELAY")]
-    relay: bool,
+    /// Stop (fail closed) when more than this share of the last --dlq-window events was dead-lettered.
+    #[arg(long, env = "FRAUDSTREAM_DLQ_MAX_SHARE", default_value_t = 0.5)]
+    dlq_max_share: f64,
+    /// How many recent events --dlq-max-share is measured over.
+    #[arg(long, env = "FRAUDSTREAM_DLQ_WINDOW", default_value_t = 10_000)]
+    dlq_window: usize,
+    /// Stop (fail closed) when this many events in a row were dead-lettered (0: no limit).
+    #[arg(long, env = "FRAUDSTREAM_DLQ_MAX_CONSECUTIVE", default_value_t = 1_000)]
+    dlq_max_consecutive: usize,
+    /// Longest a model version may take to load and warm up before it is rejected.
+    #[arg(long, env = "FRAUDSTREAM_MODEL_LOAD_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    model_load_timeout: Duration,
+    /// REST scoring requests served at once; more get 429 (the stream keeps its share of the model).
+    #[arg(long, env = "FRAUDSTREAM_MAX_REST_CONCURRENCY", default_value_t = fraudstream::api::DEFAULT_REST_CONCURRENCY)]
+    max_rest_concurrency: usize,
     /// Partitions for the output and dead-letter topics if they must be created (0: never create topics).
     #[arg(long, env = "FRAUDSTREAM_TOPIC_PARTITIONS", default_value_t = 4)]
     topic_partitions: i32,
@@ -449,8 +466,14 @@ async fn score(args: ScoreArgs) -> Result<()> {
             max_batch: args.scoring.max_batch,
             max_delay: args.scoring.max_delay,
             max_in_flight: args.max_in_flight,
+            max_in_flight_bytes: args.max_in_flight_bytes,
             drain_timeout: args.drain_timeout,
-            relay: args.relay,
+            dead_letter_guard: GuardLimits {
+                window: args.dlq_window,
+                max_share: args.dlq_max_share,
+                max_consecutive: args.dlq_max_consecutive,
+            },
+            relay_baseline: false,
         },
         watch: WatchConfig {
             store: args.model_store,
@@ -458,11 +481,13 @@ async fn score(args: ScoreArgs) -> Result<()> {
             poll_interval: args.poll_interval,
             device,
             cache_dir: cache,
+            load_timeout: args.model_load_timeout,
         },
         http_addr: Some(args.http_addr),
         model_name: args.model_name,
         body_limit: args.max_body_bytes,
         create_topics: (args.topic_partitions > 0).then_some(args.topic_partitions),
+        rest_concurrency: args.max_rest_concurrency,
     };
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());

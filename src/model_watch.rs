@@ -1,11 +1,14 @@
-//! `ModelWatcher`: keeps the scoring service on the newest complete model
+//! `ModelWatcher`: keeps the scoring service on the newest valid model
 //! version without a restart.
 //!
-//! At start it retries with back-off until a model loads (the store may be
-//! down or empty); afterwards it polls every interval with one LIST call,
-//! and loads, validates and warms a newer version before swapping it in.
-//! A version that fails to load is reported (log + metric), remembered and
-//! skipped; the old model keeps serving.
+//! At start it serves the newest version that loads, skipping (and saying
+//! so) newer ones that do not, and retries with back-off while the store is
+//! down or holds nothing valid. Afterwards it polls every interval with one
+//! LIST call, and fetches, verifies, loads, validates and warms a newer
+//! version off the scoring path before swapping it in. A version that fails
+//! (a hash mismatch, a bad manifest, a load that panics or hangs, a failed
+//! validation) is reported (log + metric), remembered and never tried again;
+//! the current model keeps serving.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -13,7 +16,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{Model, ModelStore, MODEL_FILE};
+use crate::model::{load_guarded, ModelStore, DEFAULT_LOAD_TIMEOUT, MODEL_FILE};
 use crate::scoring::ScoringService;
 use crate::telemetry::metric;
 
@@ -27,6 +30,21 @@ pub struct WatchConfig {
     pub device: tch::Device,
     /// Local folder for downloaded versions.
     pub cache_dir: PathBuf,
+    /// Longest a version may take to load and warm up before it is rejected.
+    pub load_timeout: Duration,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            store: "models".into(),
+            pinned_version: None,
+            poll_interval: Duration::from_secs(30),
+            device: tch::Device::Cpu,
+            cache_dir: std::env::temp_dir().join(format!("fraudstream-models-{}", std::process::id())),
+            load_timeout: DEFAULT_LOAD_TIMEOUT,
+        }
+    }
 }
 
 pub struct ModelWatcher {
@@ -37,9 +55,8 @@ pub struct ModelWatcher {
     rejected: HashSet<String>,
 }
 
-fn newer(candidate: &str, current: Option<&str>) -> bool {
-    let parse = |v: &str| v.parse::<u64>().unwrap_or(0);
-    current.is_none_or(|c| parse(candidate) > parse(c))
+fn number(version: &str) -> u64 {
+    version.parse::<u64>().unwrap_or(0)
 }
 
 impl ModelWatcher {
@@ -54,43 +71,69 @@ impl ModelWatcher {
         Ok(self.store.as_ref().expect("just opened"))
     }
 
-    /// Looks once for a newer version and swaps it in. Returns whether a swap happened.
-    pub async fn check(&mut self) -> Result<bool, crate::Error> {
-        let wanted = match &self.config.pinned_version {
-            Some(v) => Some(v.clone()),
-            None => self.store().await?.latest_version().await?,
-        };
-        let Some(version) = wanted else {
+    /// The versions worth trying, best first: the pinned one, or every
+    /// version newer than the serving one that was not rejected before.
+    async fn candidates(&mut self) -> Result<Vec<String>, crate::Error> {
+        if let Some(pinned) = &self.config.pinned_version {
+            let pinned = pinned.clone();
+            return Ok(if self.serving.as_ref() == Some(&pinned) || self.rejected.contains(&pinned) {
+                Vec::new()
+            } else {
+                vec![pinned]
+            });
+        }
+        let versions = self.store().await?.list_versions().await?;
+        if versions.is_empty() {
             return Err(crate::model::StoreError::Empty(self.config.store.clone()).into());
-        };
-        if self.serving.as_deref() == Some(version.as_str())
-            || self.rejected.contains(&version)
-            || !newer(&version, self.serving.as_deref()) && self.config.pinned_version.is_none()
-        {
-            return Ok(false);
         }
+        let floor = self.serving.as_deref().map_or(0, number);
+        Ok(versions.into_iter().rev().filter(|v| number(v) > floor && !self.rejected.contains(v)).collect())
+    }
+
+    /// Looks once for a newer valid version and swaps it in; newer versions
+    /// that fail are rejected on the way. Returns whether a swap happened.
+    pub async fn check(&mut self) -> Result<bool, crate::Error> {
+        for version in self.candidates().await? {
+            match self.try_version(&version).await {
+                Ok(()) => return Ok(true),
+                Err(crate::Error::Model(e)) => {
+                    metrics::counter!(metric::MODEL_LOAD_FAILURES, "reason" => "invalid").increment(1);
+                    tracing::error!(
+                        version,
+                        error = %e,
+                        serving = ?self.serving,
+                        "rejected model version; it will not be tried again"
+                    );
+                    self.rejected.insert(version);
+                }
+                // The store itself failed: try again at the next poll.
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Fetches, verifies, loads and warms up `version`, then swaps it in.
+    async fn try_version(&mut self, version: &str) -> Result<(), crate::Error> {
         let cache_dir = self.config.cache_dir.clone();
-        let files = self.store().await?.fetch(&version, &[MODEL_FILE], &cache_dir).await?;
-        let device = self.config.device;
-        let dir = files.dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || Model::load(&dir, device)).await.expect("model loading task");
-        match loaded {
-            Ok(model) => {
-                self.scoring.swap(model).await.map_err(|e| crate::model::ModelError::Invalid {
-                    version: version.clone(),
+        let files = self.store().await?.fetch(version, &[MODEL_FILE], &cache_dir).await.map_err(|e| match e {
+            // A manifest in the wrong folder is the version's fault, not the store's.
+            crate::model::StoreError::MisplacedManifest { .. } | crate::model::StoreError::BadManifest { .. } => {
+                crate::Error::Model(crate::model::ModelError::Invalid {
+                    version: version.into(),
                     reason: e.to_string(),
-                })?;
-                tracing::info!(version, previous = ?self.serving, "swapped in a new model version");
-                self.serving = Some(version);
-                Ok(true)
+                })
             }
-            Err(e) => {
-                metrics::counter!(metric::MODEL_LOAD_FAILURES, "reason" => "invalid").increment(1);
-                tracing::error!(version, error = %e, "rejected model version; the current model keeps serving");
-                self.rejected.insert(version);
-                Err(e.into())
-            }
-        }
+            e => e.into(),
+        })?;
+        let model = load_guarded(files.dir, self.config.device, self.config.load_timeout).await?;
+        self.scoring
+            .swap(model)
+            .await
+            .map_err(|e| crate::model::ModelError::Invalid { version: version.into(), reason: e.to_string() })?;
+        tracing::info!(version, previous = ?self.serving, skipped = ?self.rejected, "swapped in a new model version");
+        self.serving = Some(version.to_string());
+        Ok(())
     }
 
     /// Retries with back-off (1 s doubling to 30 s) until a model serves, or shutdown.
@@ -99,7 +142,15 @@ impl ModelWatcher {
         loop {
             match self.check().await {
                 Ok(_) if self.serving.is_some() => return true,
-                Ok(_) => {}
+                Ok(_) => {
+                    metrics::counter!(metric::MODEL_LOAD_FAILURES, "reason" => "unavailable").increment(1);
+                    tracing::warn!(
+                        store = %self.config.store,
+                        rejected = ?self.rejected,
+                        retry_in = ?backoff,
+                        "no model to serve yet: no version in the store loads"
+                    );
+                }
                 Err(e) => {
                     metrics::counter!(metric::MODEL_LOAD_FAILURES, "reason" => "unavailable").increment(1);
                     tracing::warn!(store = %self.config.store, error = %e, retry_in = ?backoff, "no model to serve yet");
@@ -124,10 +175,8 @@ impl ModelWatcher {
                 _ = tokio::time::sleep(self.config.poll_interval) => {}
             }
             if let Err(e) = self.check().await {
-                if !matches!(e, crate::Error::Model(_)) {
-                    metrics::counter!(metric::MODEL_LOAD_FAILURES, "reason" => "unavailable").increment(1);
-                    tracing::warn!(store = %self.config.store, error = %e, "model poll failed; the current model keeps serving");
-                }
+                metrics::counter!(metric::MODEL_LOAD_FAILURES, "reason" => "unavailable").increment(1);
+                tracing::warn!(store = %self.config.store, error = %e, "model poll failed; the current model keeps serving");
             }
         }
     }

@@ -27,6 +27,24 @@ pub struct ScorerConfig {
     /// Create the output and dead-letter topics with this many partitions if
     /// missing; `None` leaves topics to whoever manages them.
     pub create_topics: Option<i32>,
+    /// REST scoring requests served at once; more get 429.
+    pub rest_concurrency: usize,
+}
+
+/// The defaults of `fraudstream score`'s flags; main, the demo, tests and
+/// benchmarks start from here and change what they must.
+impl Default for ScorerConfig {
+    fn default() -> Self {
+        Self {
+            pipeline: PipelineConfig::default(),
+            watch: WatchConfig::default(),
+            http_addr: Some(SocketAddr::from(([127, 0, 0, 1], 8501))),
+            model_name: "payfraud".into(),
+            body_limit: 4 << 20,
+            create_topics: Some(4),
+            rest_concurrency: crate::api::DEFAULT_REST_CONCURRENCY,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +73,8 @@ impl ScorerParts {
     }
 }
 
-/// Runs the scorer until `shutdown` is cancelled; then drains, commits and returns.
+/// Runs the scorer until `shutdown` is cancelled or its pipeline fails; then
+/// drains, commits and returns (the failure, for a non-zero exit).
 pub async fn run(config: ScorerConfig, parts: ScorerParts, shutdown: CancellationToken) -> Result<(), ScorerError> {
     // HTTP first, so /healthz answers (and /readyz says why not) while we wait for a model.
     let http = match config.http_addr {
@@ -64,15 +83,13 @@ pub async fn run(config: ScorerConfig, parts: ScorerParts, shutdown: Cancellatio
             let listener =
                 tokio::net::TcpListener::bind(addr).await.map_err(|source| ScorerError::Bind { addr, source })?;
             tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "REST API and metrics listening");
-            let app = router(
-                ApiState {
-                    scoring: parts.scoring.clone(),
-                    model_name: config.model_name.clone(),
-                    pipeline: Some(parts.state.clone()),
-                    prometheus: crate::telemetry::prometheus(),
-                },
-                config.body_limit,
+            let api = ApiState::new(
+                parts.scoring.clone(),
+                config.model_name.clone(),
+                Some(parts.state.clone()),
+                config.rest_concurrency,
             );
+            let app = router(api, config.body_limit);
             let stop = shutdown.clone();
             Some(tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {

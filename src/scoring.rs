@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::features::{EncodeError, FEATURE_WIDTH};
 use crate::model::{Model, ModelError};
-use crate::payment::Payment;
+use crate::payment::{Payment, ScoredPayment};
 use crate::telemetry::metric;
 
 /// What callers may know about the serving model without touching torch.
@@ -29,6 +29,21 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// A payment's score as the output says it, stream and REST alike: the
+    /// one place where `p >= threshold` becomes the decision.
+    pub fn verdict(&self, payment: Payment, p_fraud: f32, scored_at: i64) -> ScoredPayment {
+        let fraud_probability = f64::from(p_fraud);
+        ScoredPayment {
+            payment,
+            fraud_probability,
+            is_fraud: fraud_probability >= self.threshold,
+            threshold: self.threshold,
+            model_name: self.name.clone(),
+            model_version: self.version.clone(),
+            scored_at,
+        }
+    }
+
     fn of(model: &Model) -> Self {
         let m = model.manifest();
         Self {
@@ -47,15 +62,20 @@ pub enum ScoringError {
     NoModel,
     #[error("the scoring service has stopped")]
     Stopped,
-    #[error("{0}")]
-    Model(String),
+    #[error(transparent)]
+    Model(Arc<ModelError>),
+    #[error(
+        "model version {version} returned {output:?}, not a pair of probabilities; a model that emits \
+         non-finite or out-of-range scores must not serve (publish a fixed version or pin a good one)"
+    )]
+    NotProbabilities { version: String, output: [f32; 2] },
     #[error("input has {got} values, not a whole number of {width}-feature rows")]
     BadWidth { got: usize, width: usize },
 }
 
 impl From<ModelError> for ScoringError {
     fn from(e: ModelError) -> Self {
-        ScoringError::Model(e.to_string())
+        ScoringError::Model(Arc::new(e))
     }
 }
 
@@ -193,7 +213,20 @@ fn run(mut rx: mpsc::Receiver<Job>, current: Arc<RwLock<Option<Arc<ModelInfo>>>>
                     fail(job, ScoringError::NoModel);
                 }
             }
-            Some((model, info)) => score_jobs(model, info, jobs),
+            Some((model, info)) => {
+                // A panic inside libtorch must not kill the scoring thread: the
+                // batch's jobs are dropped with it (their callers see the
+                // reply channel close, a scoring failure) and the thread lives.
+                let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score_jobs(model, info, jobs)));
+                if let Err(panic) = scored {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(version = %info.version, message, "the model panicked while scoring");
+                }
+            }
         }
     }
 }
@@ -257,6 +290,15 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>) {
             return;
         }
     };
+    let is_probability = |x: f32| x.is_finite() && (0.0..=1.0).contains(&x);
+    if let Some(bad) = outputs.iter().find(|o| !o.iter().all(|x| is_probability(*x))) {
+        let error = ScoringError::NotProbabilities { version: info.version.clone(), output: *bad };
+        tracing::error!(error = %error, rows = n, "model output is not probabilities");
+        for job in jobs {
+            fail(job, error.clone());
+        }
+        return;
+    }
     metrics::histogram!(metric::BATCH_SIZE).record(n as f64);
     metrics::histogram!(metric::INFERENCE_SECONDS).record(started.elapsed().as_secs_f64());
     for (job, slots) in jobs.into_iter().zip(encoded) {

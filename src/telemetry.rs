@@ -29,8 +29,14 @@ pub mod metric {
     pub const EVENTS_OUT: &str = "fraudstream_events_out_total";
     /// Counter, label `reason`: events sent to the dead-letter topic.
     pub const EVENTS_DEAD_LETTERED: &str = "fraudstream_events_dead_lettered_total";
-    /// Counter: output deliveries that failed permanently (their inputs stay uncommitted and are re-delivered after a restart).
+    /// Counter: outputs or dead letters that could not be enqueued or delivered for good (each stops the pipeline; their inputs stay uncommitted).
     pub const DELIVERY_FAILURES: &str = "fraudstream_delivery_failures_total";
+    /// Counter, label `kind`: failures of ours that stopped the pipeline (fail closed).
+    pub const PIPELINE_FAILURES: &str = "fraudstream_pipeline_failures_total";
+    /// Counter: revokes or shutdowns whose drain ran out of time (their events are re-delivered).
+    pub const DRAIN_TIMEOUTS: &str = "fraudstream_drain_timeouts_total";
+    /// Counter: REST requests refused with 429 because the REST concurrency limit was reached.
+    pub const HTTP_REJECTED: &str = "fraudstream_http_rejected_total";
     /// Histogram: rows per forward pass.
     pub const BATCH_SIZE: &str = "fraudstream_batch_size";
     /// Histogram, seconds: one forward pass (encoding included).

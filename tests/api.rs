@@ -40,15 +40,7 @@ async fn serve(body_limit: usize) -> Server {
 async fn start_http(scoring: ScoringService, body_limit: usize) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = router(
-        ApiState {
-            scoring,
-            model_name: "payfraud".into(),
-            pipeline: None,
-            prometheus: fraudstream::telemetry::prometheus(),
-        },
-        body_limit,
-    );
+    let app = router(ApiState::new(scoring, "payfraud", None, fraudstream::api::DEFAULT_REST_CONCURRENCY), body_limit);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{addr}")
 }

@@ -124,14 +124,16 @@ async fn resume_from_an_offset_inside_a_compressed_batch() {
 
     // A slowed-down scorer (small batches, few events in flight), so it is
     // stopped well before the end of the backlog.
-    let slow = ["--max-in-flight", "256", "--max-batch", "32"];
+    let slow = ["--max-in-flight", "256", "--max-batch", "32", "--drain-timeout", "5s"];
     let mut scorer = Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &slow);
     scorer
         .wait_until("10,000 outputs", Duration::from_secs(120), async |s| {
             s.metric("fraudstream_events_out_total").await >= 10_000.0
         })
         .await;
-    scorer.stop();
+    // Mid-stream: a graceful stop exits 0 within --drain-timeout + 5 s.
+    let (status, took) = scorer.terminate(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "SIGTERM mid-stream: {status:?} after {took:?}:\n{}", scorer.log());
     let committed = committed_offset(&kafka, &group, &topic);
     assert!(committed > 0 && committed < sent.len() as i64, "committed {committed} of {}", sent.len());
     let inside = batches
@@ -307,11 +309,13 @@ async fn corrupt_model_versions_are_rejected_and_the_old_model_serves() {
         let version = (base + offset).to_string();
         let folder = store.join("versions").join(&version);
         std::fs::create_dir_all(&folder).unwrap();
+        let mut m = manifest.clone();
         if let Some(bytes) = model {
+            // The manifest vouches for these bytes: what is tested is the model itself.
+            m["files"]["model.pt"] = serde_json::json!(fraudstream::model::sha256_hex(&bytes));
             std::fs::write(folder.join("model.pt"), bytes).unwrap();
         }
         if with_manifest {
-            let mut m = manifest.clone();
             m["version"] = serde_json::json!(version);
             std::fs::write(folder.join("model.json"), serde_json::to_vec(&m).unwrap()).unwrap();
         }
@@ -349,10 +353,11 @@ async fn corrupt_model_versions_are_rejected_and_the_old_model_serves() {
         })
         .await;
     let log = scorer.log();
-    for version in [&truncated, &wrong_shape] {
+    for (version, why) in [(&truncated, "cannot load TorchScript"), (&wrong_shape, "expected output")] {
         assert!(
-            log.contains("rejected model version") && log.contains(version.as_str()),
-            "no log line for {version}:\n{log}"
+            log.lines()
+                .any(|l| l.contains("rejected model version") && l.contains(version.as_str()) && l.contains(why)),
+            "{version} not rejected for {why:?}:\n{log}"
         );
     }
     let status: serde_json::Value =

@@ -46,19 +46,17 @@ fn config(topics: &Topics, store: &str, group: &str, cache: &std::path::Path) ->
             max_delay: Duration::from_millis(5),
             max_in_flight: 20_000,
             drain_timeout: Duration::from_secs(20),
-            relay: false,
+            ..PipelineConfig::default()
         },
         watch: WatchConfig {
             store: store.into(),
-            pinned_version: None,
             poll_interval: Duration::from_millis(300),
-            device: tch::Device::Cpu,
             cache_dir: cache.to_path_buf(),
+            ..WatchConfig::default()
         },
         http_addr: None,
-        model_name: "payfraud".into(),
-        body_limit: 1 << 20,
         create_topics: None,
+        ..ScorerConfig::default()
     }
 }
 
@@ -247,4 +245,71 @@ async fn model_swap_and_restart_mid_stream_lose_nothing() {
         .filter(|s| third.contains(s.payment.payment_id.as_str()))
         .all(|s| s.model_version == second.version));
     assert!(scored.iter().any(|s| s.model_version == first.version), "the first wave was scored by the first version");
+}
+
+/// A revoke on a runtime with one worker (a pod with a 1-CPU limit) drains
+/// within the timeout: the rebalance callback waits on the consumer's own
+/// thread, not on the worker that the batcher and the producer need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_revoke_drains_on_a_one_worker_runtime() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let store = common::s3_store();
+    common::train_and_publish(&store, 20_000, 3, false).await;
+    let topics = topics().await;
+    let group = common::unique("group");
+    let payments: Vec<Payment> = Simulator::new(100_000, 5).map(|p| Payment { fraud: None, ..p }).collect();
+    common::publish(&common::input_producer(), &topics.input, &encoded(&payments)).await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = config(&topics, &store, &group, cache.path());
+    config.pipeline.drain_timeout = Duration::from_secs(10);
+    let scorer = start(config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while scorer.scored() < 5_000 {
+        assert!(Instant::now() < deadline, "the scorer did not start scoring");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A second member joins mid-stream, on a thread of its own (its poll blocks).
+    let joined = Instant::now();
+    let (kafka, input) = (common::kafka(), topics.input.clone());
+    let member = std::thread::spawn(move || {
+        let other: BaseConsumer = kafka
+            .client_config(&[
+                ("group.id", &group),
+                ("partition.assignment.strategy", "cooperative-sticky"),
+                ("enable.auto.commit", "false"),
+            ])
+            .create()
+            .unwrap();
+        other.subscribe(&[&input]).unwrap();
+        let until = Instant::now() + Duration::from_secs(60);
+        // Poll (without committing) until the group hands it partitions.
+        while other.assignment().unwrap().count() == 0 && Instant::now() < until {
+            let _ = other.poll(Duration::from_millis(100));
+        }
+        // Counted before `other` drops: a partition list still alive while
+        // its consumer is destroyed blocks the destruction forever.
+        let assigned = other.assignment().unwrap().count();
+        drop(other);
+        assigned
+    });
+    let got = tokio::task::spawn_blocking(move || member.join().unwrap()).await.unwrap();
+    let waited = joined.elapsed();
+    assert!(got > 0, "the second member never got a partition");
+    assert_eq!(
+        scorer.parts.counters.drain_timeouts.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a revoke ran out of its drain timeout on a one-worker runtime"
+    );
+    assert!(waited < Duration::from_secs(10), "the revoke took {waited:?}, as long as a drain timeout");
+    // The second member left without committing: its partitions come back
+    // and nothing is lost.
+    let out = common::read_topic(&common::kafka(), &topics.output, Duration::from_secs(30), |m| {
+        m.len() >= payments.len()
+            && decode_all(m).iter().map(|s| s.payment.payment_id.clone()).collect::<HashSet<_>>().len()
+                >= payments.len()
+    })
+    .await;
+    scorer.stop().await;
+    let ids: HashSet<String> = decode_all(&out).into_iter().map(|s| s.payment.payment_id).collect();
+    assert_eq!(ids.len(), payments.len(), "payments lost across the revoke");
 }

@@ -9,6 +9,9 @@
 mod store;
 mod torch;
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
 pub use store::{s3_client, ModelStore, StoreError, VersionFiles};
@@ -57,4 +60,64 @@ pub struct ModelManifest {
     /// Device the model was trained on (`cpu`, `cuda:0`).
     pub device: String,
     pub training_seconds: f64,
+    /// SHA-256 (hex) of every other file of the version, filled in by
+    /// `ModelStore::publish`. A scorer rejects a version whose files do not
+    /// match: a damaged upload, or two publishers that mixed their files.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+}
+
+/// SHA-256 of `bytes`, in hex, as manifests record it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// How long loading and warming up a version may take by default.
+pub const DEFAULT_LOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Loads, verifies and warms up the version in `dir` off the async runtime.
+/// A load that panics or takes longer than `timeout` is an error for this
+/// version only (a hung load's thread is left behind; it holds no lock).
+pub async fn load_guarded(
+    dir: std::path::PathBuf,
+    device: tch::Device,
+    timeout: std::time::Duration,
+) -> Result<Model, ModelError> {
+    let version = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let invalid = |reason: String| ModelError::Invalid { version: version.clone(), reason };
+    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || Model::load(&dir, device))).await {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(join)) => Err(invalid(format!("loading panicked: {join}"))),
+        Err(_) => Err(invalid(format!("loading and warming up took longer than {timeout:?}"))),
+    }
+}
+
+impl ModelManifest {
+    /// What a scorer checks before it loads a version from `dir`: the
+    /// threshold is a probability, and `model.pt` is the file the manifest
+    /// was published with.
+    pub fn verify(&self, dir: &Path) -> Result<(), ModelError> {
+        let invalid = |reason: String| ModelError::Invalid { version: self.version.clone(), reason };
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return Err(invalid(format!("threshold {} is not a probability in [0, 1]", self.threshold)));
+        }
+        let Some(expected) = self.files.get(MODEL_FILE) else {
+            return Err(invalid(format!(
+                "{MANIFEST_FILE} lists no sha256 for {MODEL_FILE}; republish the version with this trainer"
+            )));
+        };
+        let path = dir.join(MODEL_FILE);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| ModelError::Manifest { path: path.display().to_string(), reason: e.to_string() })?;
+        let actual = sha256_hex(&bytes);
+        if actual != *expected {
+            return Err(invalid(format!(
+                "{MODEL_FILE} has sha256 {actual}, but {MANIFEST_FILE} says {expected}: the files of this \
+                 version do not belong together (a damaged upload, or two trainers publishing the same \
+                 version); publish a new version"
+            )));
+        }
+        Ok(())
+    }
 }

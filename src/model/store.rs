@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::primitives::ByteStream;
 
-use super::{ModelManifest, MANIFEST_FILE};
+use super::{sha256_hex, ModelManifest, MANIFEST_FILE};
 
 /// Where model versions live.
 #[derive(Clone, Debug)]
@@ -34,6 +34,8 @@ pub enum StoreError {
     VersionExists(String),
     #[error("model store {location}: invalid model.json: {source}")]
     BadManifest { location: String, source: serde_json::Error },
+    #[error("model store {location}: its model.json says version {says:?}; a manifest copied into the wrong folder is not trusted (publish versions with fraudstream-trainer)")]
+    MisplacedManifest { location: String, says: String },
     #[error("invalid model store {0:?}: expected s3://bucket[/prefix] or a directory path")]
     BadUrl(String),
 }
@@ -179,6 +181,12 @@ impl ModelStore {
         let manifest_bytes = self.read(&rel).await?.ok_or_else(|| StoreError::NoSuchVersion(self.describe(version)))?;
         let manifest: ModelManifest = serde_json::from_slice(&manifest_bytes)
             .map_err(|source| StoreError::BadManifest { location: self.describe(version), source })?;
+        if manifest.version != version {
+            return Err(StoreError::MisplacedManifest {
+                location: self.describe(version),
+                says: manifest.version.clone(),
+            });
+        }
         let dir = dest.join(version);
         let io = |source, path: &Path| StoreError::Io { location: path.display().to_string(), source };
         std::fs::create_dir_all(&dir).map_err(|e| io(e, &dir))?;
@@ -212,9 +220,13 @@ impl ModelStore {
         }
     }
 
-    /// Publishes a new version: every file in `files`, then the manifest last.
-    /// Fails without writing if the version folder exists.
+    /// Publishes a new version: every file in `files`, then the manifest last,
+    /// listing each file's sha256. Fails without writing if the version folder
+    /// exists (and where a store cannot tell, the hashes expose a mix).
     pub async fn publish(&self, manifest: &ModelManifest, files: &[(&str, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut manifest = manifest.clone();
+        manifest.files = files.iter().map(|(name, bytes)| (name.to_string(), sha256_hex(bytes))).collect();
+        let manifest = &manifest;
         let version = &manifest.version;
         if version_number(version).is_none() {
             return Err(StoreError::BadUrl(format!("version {version:?} is not unix seconds")));

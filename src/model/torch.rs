@@ -67,12 +67,14 @@ impl std::fmt::Debug for Model {
 impl Model {
     /// Loads `model.pt` and `model.json` from a version folder, then validates
     /// and warms the model up (the first forward calls are slow).
+    /// The manifest must vouch for the files (`ModelManifest::verify`).
     pub fn load(dir: &Path, device: tch::Device) -> Result<Self, ModelError> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let manifest_text = std::fs::read(&manifest_path)
             .map_err(|e| ModelError::Manifest { path: manifest_path.display().to_string(), reason: e.to_string() })?;
         let manifest: ModelManifest = serde_json::from_slice(&manifest_text)
             .map_err(|e| ModelError::Manifest { path: manifest_path.display().to_string(), reason: e.to_string() })?;
+        manifest.verify(dir)?;
         Self::from_module_file(&dir.join(MODEL_FILE), manifest, device)
     }
 
@@ -112,9 +114,12 @@ impl Model {
             return Ok(Vec::new());
         }
         let forward = || -> Result<Vec<f32>, tch::TchError> {
-            let input = tch::Tensor::from_slice(features).view([rows as i64, width as i64]).to_device(self.device);
+            // The fallible (f_) forms: a failure on the device (CUDA out of
+            // memory, say) is an error for this batch, not a panic.
+            let input =
+                tch::Tensor::from_slice(features).f_view([rows as i64, width as i64])?.f_to_device(self.device)?;
             let output = tch::no_grad(|| self.module.forward_ts(&[input]))?;
-            let output = output.to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).contiguous();
+            let output = output.f_to_device(tch::Device::Cpu)?.f_to_kind(tch::Kind::Float)?.f_contiguous()?;
             if output.size() != [rows as i64, 2] {
                 return Err(tch::TchError::Shape(format!("expected output [{rows}, 2], got {:?}", output.size())));
             }

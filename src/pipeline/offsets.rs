@@ -4,7 +4,10 @@
 //! Outputs of one input partition can be acknowledged out of order (they may
 //! land on different output partitions), so each partition keeps the set of
 //! offsets still in flight; the committable position is the lowest of them,
-//! or one past the highest offset seen when none is in flight.
+//! or one past the highest offset seen when none is in flight. An offset
+//! whose event was abandoned (its ticket dropped unacknowledged: the pipeline
+//! is failing) stays below the committable position for good, so nothing at
+//! or past it is ever committed by this consumer.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -12,6 +15,8 @@ use std::sync::Mutex;
 #[derive(Debug, Default)]
 struct PartitionState {
     in_flight: BTreeSet<i64>,
+    /// Offsets that will never finish: the position never moves past them.
+    abandoned: BTreeSet<i64>,
     /// One past the highest offset begun.
     next: i64,
     /// Highest position already reported as committable.
@@ -43,6 +48,7 @@ impl OffsetTracker {
         // The first offset seen starts the partition: nothing below it is ours to report.
         let state = map.entry(partition).or_insert_with(|| PartitionState {
             in_flight: BTreeSet::new(),
+            abandoned: BTreeSet::new(),
             next: offset,
             reported: offset,
         });
@@ -56,7 +62,12 @@ impl OffsetTracker {
         let mut map = self.partitions.lock().expect("offset tracker lock");
         let state = map.get_mut(&partition)?;
         state.in_flight.remove(&offset);
-        let position = state.in_flight.first().copied().unwrap_or(state.next);
+        let position = [state.in_flight.first(), state.abandoned.first()]
+            .into_iter()
+            .flatten()
+            .min()
+            .copied()
+            .unwrap_or(state.next);
         if position > state.reported {
             state.reported = position;
             Some(position)
@@ -65,12 +76,24 @@ impl OffsetTracker {
         }
     }
 
+    /// Records that `offset` will never finish: it no longer counts as in
+    /// flight, and the committable position never moves past it.
+    pub fn abandon(&self, partition: i32, offset: i64) {
+        let mut map = self.partitions.lock().expect("offset tracker lock");
+        if let Some(state) = map.get_mut(&partition) {
+            if state.in_flight.remove(&offset) {
+                state.abandoned.insert(offset);
+            }
+        }
+    }
+
     /// The partitions of this tracker's topic among `partitions`.
     fn own<'a>(&'a self, partitions: &'a [(String, i32)]) -> impl Iterator<Item = i32> + 'a {
         partitions.iter().filter(|(topic, _)| *topic == self.topic).map(|(_, partition)| *partition)
     }
 
-    /// Offsets in flight on the given partitions (all partitions if `None`).
+    /// Offsets in flight on the given partitions (all partitions if `None`);
+    /// abandoned offsets are not counted: nobody will finish them.
     pub fn in_flight(&self, partitions: Option<&[(String, i32)]>) -> usize {
         let map = self.partitions.lock().expect("offset tracker lock");
         match partitions {
@@ -104,6 +127,20 @@ mod tests {
         assert_eq!(t.finish(0, 14), None);
         assert_eq!(t.in_flight(None), 1);
         assert_eq!(t.finish(0, 13), Some(15));
+        assert_eq!(t.in_flight(None), 0);
+    }
+
+    #[test]
+    fn nothing_at_or_past_an_abandoned_offset_becomes_committable() {
+        let t = OffsetTracker::new("in");
+        for o in 0..4 {
+            t.begin(0, o);
+        }
+        assert_eq!(t.finish(0, 0), Some(1));
+        t.abandon(0, 1);
+        assert_eq!(t.in_flight(None), 2, "an abandoned offset is not in flight");
+        assert_eq!(t.finish(0, 2), None);
+        assert_eq!(t.finish(0, 3), None, "every later offset is done, but 1 never will be");
         assert_eq!(t.in_flight(None), 0);
     }
 

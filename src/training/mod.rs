@@ -91,6 +91,17 @@ fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// The newest published version, fetched and loaded as a scorer would.
+async fn load_champion(
+    store: &ModelStore,
+    version: &str,
+    work: &std::path::Path,
+    device: tch::Device,
+) -> std::result::Result<Model, crate::Error> {
+    let files = store.fetch(version, &[MODEL_FILE], work).await?;
+    Ok(crate::model::load_guarded(files.dir, device, crate::model::DEFAULT_LOAD_TIMEOUT).await?)
+}
+
 /// One training run, from data to (maybe) a published version.
 pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
     let started = Instant::now();
@@ -166,14 +177,20 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
     // The champion, re-scored on this run's holdout (not its own recorded metrics).
     let champion = match &latest {
         None => None,
-        Some(version) => {
-            let files = store.fetch(version, &[MODEL_FILE], work.path()).await?;
-            let champion = Model::load(&files.dir, device).map_err(model_err(format!("loading champion {version}")))?;
-            let scores = champion
-                .score_payments(&split.holdout)
-                .map_err(|e| TrainingError::Invalid(format!("re-scoring the holdout with champion {version}: {e}")))?;
-            Some((version.clone(), Evaluation::new(&scores, &hold_y, champion.manifest().threshold)))
-        }
+        Some(version) => match load_champion(&store, version, work.path(), device).await {
+            Ok(champion) => {
+                let scores = champion.score_payments(&split.holdout).map_err(|e| {
+                    TrainingError::Invalid(format!("re-scoring the holdout with champion {version}: {e}"))
+                })?;
+                Some((version.clone(), Evaluation::new(&scores, &hold_y, champion.manifest().threshold)))
+            }
+            // A champion no scorer can load serves nobody: this run must be
+            // able to replace it, or a broken version blocks every fix.
+            Err(e) => {
+                tracing::warn!(version, error = %e, "the current champion does not load; treating it as no champion");
+                None
+            }
+        },
     };
 
     let version =
@@ -195,6 +212,8 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         trainer_version: env!("CARGO_PKG_VERSION").into(),
         device: device_name(device),
         training_seconds,
+        // Filled in by ModelStore::publish, from the files it writes.
+        files: Default::default(),
     };
 
     // What we publish must be what we measured: load the exported file the

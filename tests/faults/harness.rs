@@ -104,16 +104,31 @@ impl Scorer {
         }
     }
 
-    /// SIGTERM and wait: the graceful path (drain, commit, exit).
-    pub fn stop(mut self) {
+    /// SIGTERM, the graceful path (drain, commit, exit): the exit status and
+    /// how long it took, or `None` if the scorer was still running after
+    /// `limit` (then it is killed).
+    pub fn terminate(&mut self, limit: Duration) -> (Option<std::process::ExitStatus>, Duration) {
+        let started = Instant::now();
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.alive() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
+        while started.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (Some(status), started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        if self.alive() {
-            self.kill9();
-        }
+        self.kill9();
+        (None, started.elapsed())
+    }
+
+    /// SIGTERM; the scorer must exit 0 within its drain timeout (default
+    /// 30 s) + 5 s, as an orchestrator's grace period expects.
+    pub fn stop(mut self) {
+        let (status, took) = self.terminate(Duration::from_secs(35));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "a graceful stop ended with {status:?} after {took:?}:\n{}",
+            self.log()
+        );
     }
 }
 
