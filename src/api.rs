@@ -123,13 +123,40 @@ async fn ready(State(s): State<ApiState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// What a `/v1/models/...` path asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action<'a> {
+    /// No suffix: the model's status.
+    Status,
+    /// `/metadata`.
+    Metadata,
+    /// `:predict`, TF Serving's.
+    Predict,
+    /// `:score`, raw payments in, `ScoredPayment`s out.
+    Score,
+    /// Another `:verb`.
+    Unknown(&'a str),
+}
+
+impl Action<'_> {
+    /// The `endpoint` label of the request metric.
+    fn endpoint(self) -> &'static str {
+        match self {
+            Action::Status => "status",
+            Action::Unknown(_) => "model",
+            Action::Metadata => "metadata",
+            Action::Predict => "predict",
+            Action::Score => "score",
+        }
+    }
+}
+
 /// A parsed `/v1/models/...` path.
 #[derive(Debug, PartialEq)]
 struct ModelPath<'a> {
     name: &'a str,
     version: Option<&'a str>,
-    /// `metadata`, or a verb after `:` (`predict`, `score`), or none (status).
-    action: Option<&'a str>,
+    action: Action<'a>,
 }
 
 fn parse_path(rest: &str) -> Option<ModelPath<'_>> {
@@ -148,7 +175,14 @@ fn parse_path(rest: &str) -> Option<ModelPath<'_>> {
     if name.is_empty() || (metadata && verb.is_some()) {
         return None;
     }
-    Some(ModelPath { name, version, action: if metadata { Some("metadata") } else { verb } })
+    let action = match (metadata, verb) {
+        (true, _) => Action::Metadata,
+        (false, None) => Action::Status,
+        (false, Some("predict")) => Action::Predict,
+        (false, Some("score")) => Action::Score,
+        (false, Some(other)) => Action::Unknown(other),
+    };
+    Some(ModelPath { name, version, action })
 }
 
 /// Resolves the path against the serving model: 404 for other names or versions.
@@ -179,12 +213,15 @@ async fn model_get(State(s): State<ApiState>, Path(rest): Path<String>) -> Respo
             .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no such endpoint: /v1/models/{rest}")))?;
         let model = resolve(&s, &path)?;
         match path.action {
-            None => Ok(("status", Json(status_body(model.as_deref())))),
-            Some("metadata") => {
+            Action::Status => Ok((path.action.endpoint(), Json(status_body(model.as_deref())))),
+            Action::Metadata => {
                 let model = model.ok_or(ScoringError::NoModel)?;
-                Ok(("metadata", Json(metadata_body(&s.model_name, &model.version))))
+                Ok((path.action.endpoint(), Json(metadata_body(&s.model_name, &model.version))))
             }
-            Some(other) => Err(ApiError(StatusCode::METHOD_NOT_ALLOWED, format!("use POST for :{other}"))),
+            Action::Predict | Action::Score | Action::Unknown(_) => {
+                let verb = rest.rsplit_once(':').map_or("", |(_, verb)| verb);
+                Err(ApiError(StatusCode::METHOD_NOT_ALLOWED, format!("use POST for :{verb}")))
+            }
         }
     })();
     match result {
@@ -239,11 +276,7 @@ async fn model_post(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let path = parse_path(&rest);
-    let endpoint = match path.as_ref().and_then(|p| p.action) {
-        Some("predict") => "predict",
-        Some("score") => "score",
-        _ => "model",
-    };
+    let endpoint = path.as_ref().map_or("model", |p| p.action.endpoint());
     let result = async {
         let path =
             path.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no such endpoint: /v1/models/{rest}")))?;
@@ -258,9 +291,9 @@ async fn model_post(
             )
         })?;
         match path.action {
-            Some("predict") => predict(&s, &path, &body).await,
-            Some("score") => score(&s, &path, &body).await,
-            _ => Err(ApiError(
+            Action::Predict => predict(&s, &path, &body).await,
+            Action::Score => score(&s, &path, &body).await,
+            Action::Status | Action::Metadata | Action::Unknown(_) => Err(ApiError(
                 StatusCode::NOT_FOUND,
                 format!("no such endpoint: POST /v1/models/{rest}; use :predict or :score"),
             )),
@@ -426,14 +459,16 @@ mod tests {
     #[test]
     fn parses_tf_serving_paths() {
         let p = |s| parse_path(s);
-        assert_eq!(p("payfraud"), Some(ModelPath { name: "payfraud", version: None, action: None }));
-        assert_eq!(p("payfraud/metadata").unwrap().action, Some("metadata"));
+        assert_eq!(p("payfraud"), Some(ModelPath { name: "payfraud", version: None, action: Action::Status }));
+        assert_eq!(p("payfraud/metadata").unwrap().action, Action::Metadata);
         assert_eq!(p("payfraud/versions/17").unwrap().version, Some("17"));
-        assert_eq!(p("payfraud/versions/17/metadata").unwrap().action, Some("metadata"));
-        assert_eq!(p("payfraud:predict").unwrap().action, Some("predict"));
+        assert_eq!(p("payfraud/versions/17/metadata").unwrap().action, Action::Metadata);
+        assert_eq!(p("payfraud:predict").unwrap().action, Action::Predict);
+        assert_eq!(p("payfraud:score").unwrap().action, Action::Score);
+        assert_eq!(p("payfraud:classify").unwrap().action, Action::Unknown("classify"));
         assert_eq!(
             p("payfraud/versions/17:predict"),
-            Some(ModelPath { name: "payfraud", version: Some("17"), action: Some("predict") })
+            Some(ModelPath { name: "payfraud", version: Some("17"), action: Action::Predict })
         );
         assert_eq!(p("payfraud/labels/x"), None);
         assert_eq!(p(""), None);

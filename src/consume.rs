@@ -15,12 +15,19 @@ use crate::codec::Codec;
 use crate::kafka::KafkaArgs;
 
 /// Which record type the topic holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     /// `Payment` events (the input topic).
     Payment,
     /// `ScoredPayment` events (the output topic).
     Scored,
+}
+
+impl crate::choice::Choice for EventKind {
+    const CHOICES: &'static [(Self, &'static str, &'static str)] = &[
+        (Self::Payment, "payment", "Payment events (the input topic)"),
+        (Self::Scored, "scored", "ScoredPayment events (the output topic)"),
+    ];
 }
 
 /// What to print.

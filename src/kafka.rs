@@ -11,16 +11,13 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 
-/// Broker address and librdkafka passthrough properties.
-#[derive(Debug, Clone, clap::Args)]
+/// Broker address and librdkafka passthrough properties (the binaries map
+/// `--brokers` and `-X key=value` onto it).
+#[derive(Debug, Clone)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers (comma-separated host:port).
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
-    /// Any librdkafka property, e.g. `-X security.protocol=SASL_SSL`; repeatable.
-    /// Applied last, so it overrides fraudstream's own settings. From the
-    /// environment: `KAFKA_PROPERTIES="k1=v1;k2=v2"`.
-    #[arg(short = 'X', value_name = "KEY=VALUE", env = "KAFKA_PROPERTIES", value_delimiter = ';', value_parser = parse_property)]
+    /// librdkafka properties, applied last, so they override fraudstream's own settings.
     pub property: Vec<(String, String)>,
 }
 

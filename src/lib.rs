@@ -7,6 +7,7 @@
 //! pipeline stand on `model`.
 
 pub mod api;
+pub mod choice;
 pub mod codec;
 pub mod consume;
 pub mod demo;

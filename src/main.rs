@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use cli::choice;
 use fraudstream::consume::{print_events, ConsumeOptions, EventKind};
 use fraudstream::demo::DemoConfig;
 use fraudstream::kafka::{ensure_topics, KafkaArgs};
@@ -20,6 +21,8 @@ use fraudstream::telemetry::{init_logging, LogFormat};
 use fraudstream::{Codec, FeatureEncoder, FeatureSpec, Payment, Simulator, WireFormat};
 use tokio_util::sync::CancellationToken;
 
+mod cli;
+
 /// mimalloc instead of glibc malloc: events are allocated on the consumer's
 /// thread and freed on the producer's, which glibc's per-thread arenas handle
 /// poorly; the switch cut the scorer's CPU per event by about a fifth.
@@ -30,7 +33,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "fraudstream", version, about = "Streaming fraud scoring on Kafka with libtorch")]
 struct Cli {
     /// Log line format.
-    #[arg(long, global = true, env = "FRAUDSTREAM_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, global = true, env = "FRAUDSTREAM_LOG_FORMAT", value_parser = choice::<LogFormat>(), default_value = "text")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -52,10 +55,29 @@ enum Command {
     Demo(DemoArgs),
 }
 
+/// `--brokers` and `-X`, as every command that talks to Kafka takes them.
+#[derive(Debug, Args)]
+struct KafkaFlags {
+    /// Kafka bootstrap servers (comma-separated host:port).
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Any librdkafka property, e.g. `-X security.protocol=SASL_SSL`; repeatable.
+    /// Applied last, so it overrides fraudstream's own settings. From the
+    /// environment: `KAFKA_PROPERTIES="k1=v1;k2=v2"`.
+    #[arg(short = 'X', value_name = "KEY=VALUE", env = "KAFKA_PROPERTIES", value_delimiter = ';', value_parser = fraudstream::kafka::parse_property)]
+    property: Vec<(String, String)>,
+}
+
+impl From<KafkaFlags> for KafkaArgs {
+    fn from(flags: KafkaFlags) -> Self {
+        KafkaArgs { brokers: flags.brokers, property: flags.property }
+    }
+}
+
 #[derive(Debug, Args)]
 struct ScoreArgs {
     #[command(flatten)]
-    kafka: KafkaArgs,
+    kafka: KafkaFlags,
     /// Consumer group; scorers with the same group share the input partitions.
     #[arg(long, env = "FRAUDSTREAM_GROUP_ID", default_value = "fraudstream-scorer")]
     group_id: String,
@@ -69,10 +91,10 @@ struct ScoreArgs {
     #[arg(long, env = "FRAUDSTREAM_DLQ_TOPIC", default_value = "payments-dlq")]
     dlq_topic: String,
     /// Wire format of incoming payments.
-    #[arg(long, env = "FRAUDSTREAM_INPUT_FORMAT", value_enum, default_value = "confluent")]
+    #[arg(long, env = "FRAUDSTREAM_INPUT_FORMAT", value_parser = choice::<WireFormat>(), default_value = "confluent")]
     input_format: WireFormat,
     /// Wire format of scored payments.
-    #[arg(long, env = "FRAUDSTREAM_OUTPUT_FORMAT", value_enum, default_value = "confluent")]
+    #[arg(long, env = "FRAUDSTREAM_OUTPUT_FORMAT", value_parser = choice::<WireFormat>(), default_value = "confluent")]
     output_format: WireFormat,
     /// Schema id written into Confluent headers of scored payments.
     #[arg(long, env = "FRAUDSTREAM_SCHEMA_ID", default_value_t = 2)]
@@ -141,7 +163,7 @@ struct ScoringArgs {
     #[arg(long, env = "FRAUDSTREAM_MAX_DELAY", default_value = "2ms", value_parser = humantime::parse_duration)]
     max_delay: Duration,
     /// Device to score on.
-    #[arg(long, env = "FRAUDSTREAM_DEVICE", value_enum, default_value = "auto")]
+    #[arg(long, env = "FRAUDSTREAM_DEVICE", value_parser = choice::<Device>(), default_value = "auto")]
     device: Device,
     /// Intra-op threads for libtorch (1 is fastest on small shared machines; scale with replicas).
     #[arg(long, env = "FRAUDSTREAM_THREADS", default_value_t = 1)]
@@ -207,7 +229,7 @@ struct EncodeArgs {
 #[derive(Debug, Args)]
 struct WireArgs {
     /// Wire format of the events.
-    #[arg(long, env = "FRAUDSTREAM_FORMAT", value_enum, default_value = "confluent")]
+    #[arg(long, env = "FRAUDSTREAM_FORMAT", value_parser = choice::<WireFormat>(), default_value = "confluent")]
     format: WireFormat,
     /// Schema id written into the Confluent header.
     #[arg(long, env = "FRAUDSTREAM_SCHEMA_ID", default_value_t = 1)]
@@ -223,7 +245,7 @@ impl WireArgs {
 #[derive(Debug, Args)]
 struct ProduceArgs {
     #[command(flatten)]
-    kafka: KafkaArgs,
+    kafka: KafkaFlags,
     #[command(flatten)]
     wire: WireArgs,
     /// Topic to publish to.
@@ -252,14 +274,14 @@ struct ProduceArgs {
 #[derive(Debug, Args)]
 struct ConsumeArgs {
     #[command(flatten)]
-    kafka: KafkaArgs,
+    kafka: KafkaFlags,
     #[command(flatten)]
     wire: WireArgs,
     /// Topic to read.
     #[arg(long, default_value = "payments-scored", env = "FRAUDSTREAM_TOPIC")]
     topic: String,
     /// Record type on the topic.
-    #[arg(long, value_enum, default_value = "scored", env = "FRAUDSTREAM_KIND")]
+    #[arg(long, value_parser = choice::<EventKind>(), default_value = "scored", env = "FRAUDSTREAM_KIND")]
     kind: EventKind,
     /// Only new events (default: from the beginning of the topic).
     #[arg(long, env = "FRAUDSTREAM_LATEST")]
@@ -386,8 +408,9 @@ fn encode(args: EncodeArgs) -> Result<()> {
 }
 
 async fn produce(args: ProduceArgs) -> Result<()> {
-    ensure_topics(&args.kafka, &[&args.topic], args.partitions).await?;
-    let producer = create_producer(&args.kafka)?;
+    let kafka = KafkaArgs::from(args.kafka);
+    ensure_topics(&kafka, &[&args.topic], args.partitions).await?;
+    let producer = create_producer(&kafka)?;
     let options = PublishOptions {
         topic: args.topic.clone(),
         codec: args.wire.codec(),
@@ -423,7 +446,7 @@ async fn produce(args: ProduceArgs) -> Result<()> {
     );
     let summary = publish_payments(&producer, &options, payments, |sent| bar.set_position(sent)).await?;
     bar.finish_and_clear();
-    println!("{summary} to topic {:?} on {}", args.topic, args.kafka.brokers);
+    println!("{summary} to topic {:?} on {}", args.topic, kafka.brokers);
     if summary.failed > 0 {
         bail!("{} payments were not delivered; see the warnings above", summary.failed);
     }
@@ -441,7 +464,7 @@ async fn consume(args: ConsumeArgs) -> Result<()> {
         max_events: args.max,
         idle_timeout: args.idle_timeout,
     };
-    let summary = print_events(&args.kafka, &options, &mut std::io::stdout().lock()).await?;
+    let summary = print_events(&args.kafka.into(), &options, &mut std::io::stdout().lock()).await?;
     if summary.undecodable > 0 {
         eprintln!("{} events did not decode as {:?} in format {:?}", summary.undecodable, args.kind, args.wire.format);
     }
@@ -456,7 +479,7 @@ async fn score(args: ScoreArgs) -> Result<()> {
     };
     let config = ScorerConfig {
         pipeline: PipelineConfig {
-            kafka: args.kafka,
+            kafka: args.kafka.into(),
             group_id: args.group_id,
             input_topic: args.input_topic,
             output_topic: args.output_topic,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{load_guarded, ModelStore, DEFAULT_LOAD_TIMEOUT, MODEL_FILE};
+use crate::model::{load_guarded, ModelStore, ModelVersion, DEFAULT_LOAD_TIMEOUT, MODEL_FILE};
 use crate::scoring::ScoringService;
 use crate::telemetry::metric;
 
@@ -55,8 +55,8 @@ pub struct ModelWatcher {
     rejected: HashSet<String>,
 }
 
-fn number(version: &str) -> u64 {
-    version.parse::<u64>().unwrap_or(0)
+fn number(version: &str) -> ModelVersion {
+    ModelVersion::parse(version).unwrap_or(ModelVersion(0))
 }
 
 impl ModelWatcher {
@@ -86,7 +86,7 @@ impl ModelWatcher {
         if versions.is_empty() {
             return Err(crate::model::StoreError::Empty(self.config.store.clone()).into());
         }
-        let floor = self.serving.as_deref().map_or(0, number);
+        let floor = self.serving.as_deref().map_or(ModelVersion(0), number);
         Ok(versions.into_iter().rev().filter(|v| number(v) > floor && !self.rejected.contains(v)).collect())
     }
 

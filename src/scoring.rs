@@ -32,16 +32,22 @@ impl ModelInfo {
     /// A payment's score as the output says it, stream and REST alike: the
     /// one place where `p >= threshold` becomes the decision.
     pub fn verdict(&self, payment: Payment, p_fraud: f32, scored_at: i64) -> ScoredPayment {
-        let fraud_probability = f64::from(p_fraud);
+        let (fraud_probability, is_fraud) = self.decide(p_fraud);
         ScoredPayment {
             payment,
             fraud_probability,
-            is_fraud: fraud_probability >= self.threshold,
+            is_fraud,
             threshold: self.threshold,
             model_name: self.name.clone(),
             model_version: self.version.clone(),
             scored_at,
         }
+    }
+
+    /// The probability as outputs carry it, and the decision: `p >= threshold`.
+    pub fn decide(&self, p_fraud: f32) -> (f64, bool) {
+        let fraud_probability = f64::from(p_fraud);
+        (fraud_probability, fraud_probability >= self.threshold)
     }
 
     fn of(model: &Model) -> Self {
@@ -181,7 +187,8 @@ fn run(mut rx: mpsc::Receiver<Job>, current: Arc<RwLock<Option<Arc<ModelInfo>>>>
                             metrics::gauge!(metric::MODEL_LOADED, "version" => old.version.clone()).set(0.0);
                         }
                         metrics::gauge!(metric::MODEL_LOADED, "version" => info.version.clone()).set(1.0);
-                        metrics::gauge!(metric::MODEL_VERSION).set(info.version.parse::<f64>().unwrap_or(0.0));
+                        let number = crate::model::ModelVersion::parse(&info.version).map_or(0.0, |v| v.0 as f64);
+                        metrics::gauge!(metric::MODEL_VERSION).set(number);
                         *current.write().expect("model info lock") = Some(info.clone());
                         model = Some((*new, info));
                         let _ = done.send(());

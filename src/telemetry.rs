@@ -1,12 +1,19 @@
 //! Logging set-up, in one place for every binary.
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line, for log shippers.
     Json,
+}
+
+impl crate::choice::Choice for LogFormat {
+    const CHOICES: &'static [(Self, &'static str, &'static str)] = &[
+        (Self::Text, "text", "human-readable lines"),
+        (Self::Json, "json", "one JSON object per line, for log shippers"),
+    ];
 }
 
 /// Installs the global tracing subscriber on stderr. The level comes from

@@ -22,6 +22,11 @@ struct Server {
 
 /// Trains a small model into a local store and serves it on an ephemeral port.
 async fn serve(body_limit: usize) -> Server {
+    serve_with(body_limit, fraudstream::api::DEFAULT_REST_CONCURRENCY).await
+}
+
+/// `serve`, with at most `concurrency` scoring requests at once.
+async fn serve_with(body_limit: usize, concurrency: usize) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("models").display().to_string();
     let outcome = common::train_and_publish(&store, 20_000, 4, false).await;
@@ -33,14 +38,18 @@ async fn serve(body_limit: usize) -> Server {
         .unwrap();
     let scoring = ScoringService::start(1024, 64);
     scoring.swap(Model::load(&files.dir, tch::Device::Cpu).unwrap()).await.unwrap();
-    let base = start_http(scoring.clone(), body_limit).await;
+    let base = start_http_with(scoring.clone(), body_limit, concurrency).await;
     Server { base, scoring, version: outcome.version, model_dir: files.dir, _dir: dir }
 }
 
 async fn start_http(scoring: ScoringService, body_limit: usize) -> String {
+    start_http_with(scoring, body_limit, fraudstream::api::DEFAULT_REST_CONCURRENCY).await
+}
+
+async fn start_http_with(scoring: ScoringService, body_limit: usize, concurrency: usize) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = router(ApiState::new(scoring, "payfraud", None, fraudstream::api::DEFAULT_REST_CONCURRENCY), body_limit);
+    let app = router(ApiState::new(scoring, "payfraud", None, concurrency), body_limit);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{addr}")
 }
@@ -212,4 +221,72 @@ async fn no_model_yet_is_503() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["model_version_status"][0]["state"], json!("LOADING"));
     assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// REST has a concurrency limit of its own: beyond it, 429 at once, so a
+/// flood of requests cannot take the stream's places in the model's queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_beyond_its_concurrency_limit_gets_429() {
+    let s = serve_with(8 << 20, 1).await;
+    let rows: Vec<Vec<f64>> = (0..4096).map(|_| demo_row()).collect();
+    let body = json!({ "inputs": rows }).to_string();
+    let url = format!("{}/v1/models/payfraud:predict", s.base);
+    let client = reqwest::Client::new();
+    let requests = (0..16).map(|_| {
+        let request = client.post(&url).header("content-type", "application/json").body(body.clone());
+        async move {
+            let response = request.send().await.expect("request");
+            (response.status(), response.text().await.unwrap())
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let ok = answers.iter().filter(|(status, _)| *status == StatusCode::OK).count();
+    let refused: Vec<&String> =
+        answers.iter().filter(|(status, _)| *status == StatusCode::TOO_MANY_REQUESTS).map(|(_, body)| body).collect();
+    assert!(ok >= 1, "no request was served: {answers:?}");
+    assert!(!refused.is_empty(), "16 concurrent requests with a limit of 1, none refused");
+    assert_eq!(ok + refused.len(), 16, "only 200 or 429 expected");
+    assert!(refused.iter().all(|b| b.contains("--max-rest-concurrency")), "{refused:?}");
+}
+
+/// A model whose output is not a probability for some inputs: those requests
+/// get 500 naming the version, never a NaN score (whose `p >= threshold` would
+/// quietly say "not fraud"); other requests are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_that_is_not_a_probability_is_an_error_not_a_score() {
+    let s = serve(1 << 20).await;
+    let manifest = Model::load(&s.model_dir, tch::Device::Cpu).unwrap().manifest().clone();
+    // softmax(linear(x)) + 0 * log(5 - x[:, 0]): NaN where the amount feature exceeds 5.
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let linear = tch::nn::linear(vs.root(), 28, 2, Default::default());
+    vs.freeze();
+    let module = tch::CModule::create_by_tracing(
+        "NanAbove5",
+        "forward",
+        &[tch::Tensor::zeros([2, 28], tch::kind::FLOAT_CPU)],
+        &mut |x| {
+            let probabilities = tch::nn::Module::forward(&linear, &x[0]).softmax(-1, tch::Kind::Float);
+            let poison = (x[0].narrow(1, 0, 1).neg() + 5.0).log() * 0.0;
+            vec![probabilities + poison]
+        },
+    )
+    .unwrap();
+    let path = s._dir.path().join("nan.pt");
+    module.save(&path).unwrap();
+    let model = Model::from_module_file(&path, manifest, tch::Device::Cpu).expect("the golden batch is fine");
+    s.scoring.swap(model).await.unwrap();
+
+    let url = format!("{}/v1/models/payfraud:predict", s.base);
+    let (status, body) = post(&url, json!({"inputs": [demo_row()]})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut poisoned = demo_row();
+    poisoned[0] = 10.0;
+    let (status, body) = post(&url, json!({"inputs": [poisoned]})).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("not a pair of probabilities")), "{body}");
+    // The same through :score, with a payment whose amount lands there.
+    let score = format!("{}/v1/models/payfraud:score", s.base);
+    let big = Payment { amount: 1e6, ..demo_payment() };
+    let (status, body) = post(&score, json!({"instances": [big]})).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
 }

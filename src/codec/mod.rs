@@ -24,7 +24,7 @@ pub const SCORED_PAYMENT_SCHEMA_JSON: &str = include_str!("../../schemas/scored_
 const CONFLUENT_MAGIC: u8 = 0;
 
 /// How events are laid out on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireFormat {
     /// Avro binary behind the Confluent header (magic 0 + schema id).
     Confluent,
@@ -32,6 +32,14 @@ pub enum WireFormat {
     Avro,
     /// One JSON object.
     Json,
+}
+
+impl crate::choice::Choice for WireFormat {
+    const CHOICES: &'static [(Self, &'static str, &'static str)] = &[
+        (Self::Confluent, "confluent", "Avro binary behind the Confluent header (magic 0 + schema id)"),
+        (Self::Avro, "avro", "Avro binary, no header"),
+        (Self::Json, "json", "one JSON object"),
+    ];
 }
 
 /// Why bytes could not become an event (or an event bytes).

@@ -14,10 +14,34 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use store::{s3_client, ModelStore, StoreError, VersionFiles};
+pub use store::{s3_client, ModelStore, S3Url, StoreError, VersionFiles};
 pub use torch::{device_name, Device, Model, ModelError};
 
 use crate::features::FeatureSpec;
+
+/// A model version: the unix seconds of its publication, as its folder
+/// `versions/<v>/` is named. Parsed here and nowhere else; manifests and
+/// outputs carry its text form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ModelVersion(pub u64);
+
+impl ModelVersion {
+    /// The version a folder name or a manifest names, if it is one.
+    pub fn parse(text: &str) -> Option<Self> {
+        text.parse().ok().map(Self)
+    }
+
+    /// The version after this one.
+    pub fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for ModelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
 
 /// File name of the TorchScript module in a version folder.
 pub const MODEL_FILE: &str = "model.pt";

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::primitives::ByteStream;
 
-use super::{sha256_hex, ModelManifest, MANIFEST_FILE};
+use super::{sha256_hex, ModelManifest, ModelVersion, MANIFEST_FILE};
 
 /// Where model versions live.
 #[derive(Clone, Debug)]
@@ -57,20 +57,38 @@ pub async fn s3_client() -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(config)
 }
 
-fn version_number(v: &str) -> Option<u64> {
-    v.parse().ok()
+fn version_number(v: &str) -> Option<ModelVersion> {
+    ModelVersion::parse(v)
+}
+
+/// An `s3://bucket/key` location, parsed in one place for the model store
+/// (`s3://bucket/prefix`) and the trainer's data (`s3://bucket/key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Url {
+    pub bucket: String,
+    /// The key or prefix, without leading or trailing slashes; may be empty.
+    pub key: String,
+}
+
+impl S3Url {
+    /// `None` if `text` is not an `s3://` URL; an error if it is one without a bucket.
+    pub fn parse(text: &str) -> Option<Result<Self, StoreError>> {
+        let rest = text.strip_prefix("s3://")?;
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Some(Err(StoreError::BadUrl(text.into())));
+        }
+        Some(Ok(Self { bucket: bucket.into(), key: key.trim_matches('/').into() }))
+    }
 }
 
 impl ModelStore {
     /// Opens `s3://bucket/prefix` (credentials and endpoint from the standard
     /// AWS variables) or a directory (created on first publish).
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        if let Some(rest) = url.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(StoreError::BadUrl(url.into()));
-            }
-            Ok(Self::S3 { client: s3_client().await, bucket: bucket.into(), prefix: prefix.trim_matches('/').into() })
+        if let Some(parsed) = S3Url::parse(url) {
+            let S3Url { bucket, key: prefix } = parsed?;
+            Ok(Self::S3 { client: s3_client().await, bucket, prefix })
         } else if url.is_empty() || url.contains("://") {
             Err(StoreError::BadUrl(url.into()))
         } else {
@@ -268,5 +286,27 @@ impl ModelStore {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_urls_are_parsed_in_one_place() {
+        assert!(S3Url::parse("models").is_none(), "a directory, not a URL");
+        let u = S3Url::parse("s3://b/some/prefix/").unwrap().unwrap();
+        assert_eq!((u.bucket.as_str(), u.key.as_str()), ("b", "some/prefix"));
+        let u = S3Url::parse("s3://b").unwrap().unwrap();
+        assert_eq!((u.bucket.as_str(), u.key.as_str()), ("b", ""));
+        assert!(matches!(S3Url::parse("s3:///key"), Some(Err(StoreError::BadUrl(_)))));
+    }
+
+    #[test]
+    fn versions_sort_as_numbers() {
+        assert!(ModelVersion::parse("1000000000").unwrap() > ModelVersion::parse("999").unwrap());
+        assert_eq!(ModelVersion::parse("v1"), None);
+        assert_eq!(ModelVersion(41).next().to_string(), "42");
     }
 }

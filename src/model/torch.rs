@@ -8,12 +8,20 @@ use crate::features::FeatureEncoder;
 use crate::payment::Payment;
 
 /// Where to run a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     /// CUDA if a GPU is visible, else CPU.
     Auto,
     Cpu,
     Cuda,
+}
+
+impl crate::choice::Choice for Device {
+    const CHOICES: &'static [(Self, &'static str, &'static str)] = &[
+        (Self::Auto, "auto", "CUDA if a GPU is visible, else CPU"),
+        (Self::Cpu, "cpu", "the CPU"),
+        (Self::Cuda, "cuda", "the first CUDA device; fails if there is none"),
+    ];
 }
 
 impl Device {

@@ -291,19 +291,29 @@ impl Sink {
         };
         let scored_at = now_ms();
         let mut scored = 0;
+        // One output value per batch, its payment and score replaced per
+        // event: the model's name and version are not copied per event.
+        let mut reused: Option<crate::payment::ScoredPayment> = None;
         let mut events = events.into_iter();
         for ((event, payment), result) in events.by_ref().zip(batch.payments).zip(batch.results) {
             match result {
                 Ok(p) => {
                     let event_time = payment.event_time;
-                    let output = batch.model.verdict(payment, p[1], scored_at);
+                    let output = match reused.as_mut() {
+                        Some(output) => {
+                            output.payment = payment;
+                            (output.fraud_probability, output.is_fraud) = batch.model.decide(p[1]);
+                            output
+                        }
+                        None => reused.insert(batch.model.verdict(payment, p[1], scored_at)),
+                    };
                     let metrics = &self.producer.context().metrics;
                     metrics.fraud_probability.record(output.fraud_probability);
                     if output.is_fraud {
                         metrics.fraud_flagged.increment(1);
                         counters.flagged.fetch_add(1, Ordering::Relaxed);
                     }
-                    match self.output_codec.encode_scored(&output) {
+                    match self.output_codec.encode_scored(output) {
                         Ok(bytes) => {
                             scored += 1;
                             let delivery = Delivery::output(event.ticket, event_time);
@@ -370,6 +380,39 @@ mod tests {
         let cut = truncate(&long, MAX_ERROR_HEADER_BYTES);
         assert!(cut.len() <= MAX_ERROR_HEADER_BYTES && cut.len() >= MAX_ERROR_HEADER_BYTES - 1);
         assert!(long.starts_with(cut));
+    }
+
+    /// librdkafka's own fatal error (an idempotent producer raises one when it
+    /// can no longer guarantee order): the next output cannot be sent, and
+    /// that stops the pipeline instead of consuming on with no output.
+    #[test]
+    fn after_a_fatal_producer_error_the_next_output_stops_the_pipeline() {
+        use super::super::ticket::{Acks, InFlightLimits};
+        use rdkafka::bindings::{rd_kafka_resp_err_t, rd_kafka_test_fatal_error};
+        let failure = Arc::new(Failure::default());
+        // No broker needed: the fatal error is raised inside the client.
+        let config = PipelineConfig { kafka: crate::kafka::KafkaArgs::new("127.0.0.1:1"), ..PipelineConfig::default() };
+        let sink = Sink::create(&config, failure.clone(), EventMetrics::new(), Arc::default()).unwrap();
+        let acks = Arc::new(Acks::new("in", InFlightLimits { events: 10, bytes: 1 << 20 }, failure.clone()));
+        let reason = std::ffi::CString::new("injected: out-of-order sequence").unwrap();
+        let raised = unsafe {
+            rd_kafka_test_fatal_error(
+                sink.producer.client().native_ptr(),
+                rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            )
+        };
+        assert_eq!(raised, rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+        let ticket = acks.issue(0, 7, 3, std::time::Instant::now()).unwrap();
+        sink.send_blocking("out", None, b"abc", Delivery::output(ticket, 0));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while failure.get().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let failed = failure.get().expect("a producer in a fatal state did not stop the pipeline");
+        assert!(failed.to_string().contains("atal"), "{failed}");
+        assert!(failure.stopped().is_cancelled());
+        assert_eq!(acks.tracker().finish(0, 8), None, "offset 7 was never acknowledged, so nothing past it commits");
     }
 
     #[test]

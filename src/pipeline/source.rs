@@ -291,7 +291,7 @@ impl Source {
     fn consumer_error(&self, error: KafkaError, reported: &mut HashSet<String>) {
         let hooks = self.hooks();
         let code = error.rdkafka_error_code();
-        if code == Some(RDKafkaErrorCode::Fatal) {
+        if matches!(error, KafkaError::MessageConsumptionFatal(_)) || code == Some(RDKafkaErrorCode::Fatal) {
             hooks.acks.failure().fail(PipelineFailure::ConsumerFatal { reason: error.to_string() });
             return;
         }

@@ -35,6 +35,9 @@ pub struct InFlightLimits {
 struct Used {
     events: usize,
     bytes: usize,
+    /// Threads waiting on `freed`: a release wakes them only if there are
+    /// any (a wake is a system call, too dear to make per event for nobody).
+    waiters: usize,
 }
 
 /// The finalizer every ticket reports to.
@@ -102,7 +105,9 @@ impl Acks {
         let mut used = self.used.lock().expect("in-flight budget lock");
         while !self.fits(&used, bytes) {
             let left = until.checked_duration_since(Instant::now())?;
+            used.waiters += 1;
             used = self.freed.wait_timeout(used, left).expect("in-flight budget lock").0;
+            used.waiters -= 1;
         }
         used.events += 1;
         used.bytes += bytes;
@@ -125,8 +130,11 @@ impl Acks {
         let mut used = self.used.lock().expect("in-flight budget lock");
         used.events -= 1;
         used.bytes -= bytes;
+        let wake = used.waiters > 0;
         drop(used);
-        self.freed.notify_all();
+        if wake {
+            self.freed.notify_all();
+        }
     }
 
     fn finish(&self, partition: i32, offset: i64, bytes: usize) {
@@ -156,8 +164,10 @@ impl Acks {
             if left == 0 || Instant::now() >= until {
                 return left;
             }
-            let used = self.used.lock().expect("in-flight budget lock");
-            let _ = self.freed.wait_timeout(used, Duration::from_millis(5));
+            let mut used = self.used.lock().expect("in-flight budget lock");
+            used.waiters += 1;
+            let mut used = self.freed.wait_timeout(used, Duration::from_millis(5)).expect("in-flight budget lock").0;
+            used.waiters -= 1;
         }
     }
 }

@@ -42,11 +42,11 @@ pub async fn load(source: &DataSource) -> Result<Vec<Payment>> {
             sim.inspect(|_| bar.inc(1)).collect()
         }
         DataSource::Csv(location) => {
-            let bytes: Box<dyn std::io::Read> = if let Some(rest) = location.strip_prefix("s3://") {
+            let bytes: Box<dyn std::io::Read> = if let Some(parsed) = crate::model::S3Url::parse(location) {
                 let data_err = |message: String| TrainingError::Data { location: location.clone(), message };
-                let (bucket, key) = rest
-                    .split_once('/')
-                    .filter(|(b, k)| !b.is_empty() && !k.is_empty())
+                let crate::model::S3Url { bucket, key } = parsed
+                    .ok()
+                    .filter(|u| !u.key.is_empty())
                     .ok_or_else(|| data_err("expected s3://bucket/key".into()))?;
                 let client = crate::model::s3_client().await;
                 let object = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| {

@@ -12,8 +12,8 @@ pub mod train;
 use std::time::Instant;
 
 use crate::model::{
-    device_name, Device, Model, ModelManifest, ModelStore, TrainingDataSummary, INPUT_NAME, MANIFEST_FILE, MODEL_FILE,
-    OUTPUT_NAME,
+    device_name, Device, Model, ModelManifest, ModelStore, ModelVersion, TrainingDataSummary, INPUT_NAME,
+    MANIFEST_FILE, MODEL_FILE, OUTPUT_NAME,
 };
 use crate::{FeatureEncoder, FeatureSpec, Payment};
 use serde_json::json;
@@ -193,8 +193,8 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         },
     };
 
-    let version =
-        now_secs().max(latest.as_deref().and_then(|v| v.parse::<u64>().ok()).map_or(0, |v| v + 1)).to_string();
+    let after_latest = latest.as_deref().and_then(ModelVersion::parse).map_or(ModelVersion(0), ModelVersion::next);
+    let version = ModelVersion(now_secs()).max(after_latest).to_string();
     let metrics = json!({
         "holdout": { "model": holdout, "baseline": baseline_eval, "champion": champion.as_ref().map(|(v, e)| json!({"version": v, "evaluation": e})) },
         "history": history,

@@ -4,11 +4,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Parser;
+use cli::choice;
 use fraudstream::model::Device;
 use fraudstream::telemetry::{init_logging, LogFormat};
 use fraudstream::training::data::DataSource;
 use fraudstream::training::train::TrainConfig;
 use fraudstream::training::{run_once, RunOutcome, TrainerOptions};
+
+#[path = "../../src/cli.rs"]
+mod cli;
 
 /// Train a fraud model on labelled payments, evaluate it on a time-based
 /// holdout against a logistic baseline and the current champion, and publish
@@ -32,7 +36,7 @@ struct Cli {
     #[arg(long, env = "FRAUDSTREAM_MODEL_NAME", default_value = "payfraud")]
     model_name: String,
     /// Device to train on.
-    #[arg(long, env = "FRAUDSTREAM_DEVICE", value_enum, default_value = "auto")]
+    #[arg(long, env = "FRAUDSTREAM_DEVICE", value_parser = choice::<Device>(), default_value = "auto")]
     device: Device,
     /// Intra-op threads for libtorch (1 is fastest on small shared machines).
     #[arg(long, env = "FRAUDSTREAM_THREADS", default_value_t = 1)]
@@ -56,7 +60,7 @@ struct Cli {
     #[arg(long, default_value_t = TrainConfig::default().learning_rate, env = "FRAUDSTREAM_LEARNING_RATE")]
     learning_rate: f64,
     /// Log line format.
-    #[arg(long, env = "FRAUDSTREAM_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, env = "FRAUDSTREAM_LOG_FORMAT", value_parser = choice::<LogFormat>(), default_value = "text")]
     log_format: LogFormat,
 }
 
