@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use fraudstream::kafka::KafkaArgs;
 use fraudstream::model::sha256_hex;
 use fraudstream::Payment;
-use harness::{local_model, payments, read_outputs, records, topic_for, verify_outputs, Scorer};
+use harness::{local_model, payments, read_outputs, records, topic_for, verify_outputs, Scorer, Setup};
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use serde_json::Value;
@@ -201,12 +201,7 @@ async fn a_failing_model_stops_the_scorer_without_dead_letters_or_commits_past_i
 /// partition does not move past it; with the limit raised it goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_output_too_large_to_send_stops_the_scorer_and_its_partition_is_not_skipped() {
-    let dir = tempfile::tempdir().unwrap();
-    let kafka = common::kafka();
-    let store = local_model(dir.path()).await;
-    let store_url = store.display().to_string();
-    let topic = topic_for(&kafka, 1).await;
-    let group = common::unique("group");
+    let Setup { dir, kafka, store, store_url, topic, group } = Setup::new(1).await;
     let mut sent = payments(1_000, 52);
     // A valid payment with a 200 KB merchant name: its output exceeds 100 KB.
     sent[500].merchant = "M".repeat(200_000);

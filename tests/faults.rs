@@ -17,7 +17,7 @@ use fraudstream::kafka::KafkaArgs;
 use fraudstream::Payment;
 use harness::{
     free_port, kafka_node, local_model, payments, read_outputs, records, topic_for, verify_outputs, wait_kafka,
-    wait_port, Scorer, Service, CODEC,
+    wait_port, Scorer, Service, Setup, CODEC,
 };
 use rdkafka::Message;
 
@@ -26,12 +26,7 @@ use rdkafka::Message;
 /// scorer resumes from committed offsets inside them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_mid_stream_then_restart_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let kafka = common::kafka();
-    let store = local_model(dir.path()).await;
-    let store_url = store.display().to_string();
-    let topic = topic_for(&kafka, 4).await;
-    let group = common::unique("group");
+    let Setup { dir, kafka, store, store_url, topic, group } = Setup::new(4).await;
     let sent = payments(200_000, 21);
     let publishing = common::publish_in_background(&topic, records(&sent));
     let mut scorer = Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &[]);
@@ -110,12 +105,7 @@ fn stored_batches(topic: &str) -> Vec<StoredBatch> {
 /// next scorer resumes from it: nothing lost, nothing scored twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn resume_from_an_offset_inside_a_compressed_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let kafka = common::kafka();
-    let store = local_model(dir.path()).await;
-    let store_url = store.display().to_string();
-    let topic = topic_for(&kafka, 1).await;
-    let group = common::unique("group");
+    let Setup { dir, kafka, store, store_url, topic, group } = Setup::new(1).await;
     let sent = payments(150_000, 25);
     common::publish(&common::input_producer(), &topic, &records(&sent)).await;
     let batches = stored_batches(&topic);
@@ -158,12 +148,7 @@ async fn resume_from_an_offset_inside_a_compressed_batch() {
 /// takes over its partitions and finishes the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crashed_group_member_is_replaced_by_the_other() {
-    let dir = tempfile::tempdir().unwrap();
-    let kafka = common::kafka();
-    let store = local_model(dir.path()).await;
-    let store_url = store.display().to_string();
-    let topic = topic_for(&kafka, 4).await;
-    let group = common::unique("group");
+    let Setup { dir, kafka, store, store_url, topic, group } = Setup::new(4).await;
     // A backlog first, so the first member is busy (and holds events it has
     // read) when the second joins; more arrives, paced, while they work, so
     // the crash strikes mid-stream.

@@ -32,6 +32,19 @@ use crate::telemetry::metric;
 /// How long one `poll()` waits, and so how soon a stop is noticed.
 const POLL: Duration = Duration::from_millis(100);
 
+/// The consumer's lifecycle, owned by the source thread; the revoke callback
+/// reads it to know how long it may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading and handing events on.
+    Consuming,
+    /// Reading stopped (shutdown or a failure): what is in flight has until
+    /// `deadline`, one deadline for the whole drain, revokes included.
+    Draining { deadline: Instant },
+    /// Committed; leaving the group: nothing more to wait for.
+    Done,
+}
+
 /// Where read events go: the batcher, or (relay benchmark) straight to the sink.
 pub enum Downstream {
     Batcher(mpsc::Sender<Vec<Event>>),
@@ -74,8 +87,7 @@ pub struct SourceHooks {
     counters: Arc<PipelineCounters>,
     intake: Intake,
     drain_timeout: Duration,
-    /// Set when draining starts: revokes from then on share its deadline.
-    shutdown_deadline: Mutex<Option<Instant>>,
+    phase: Mutex<Phase>,
 }
 
 impl ClientContext for SourceHooks {
@@ -109,7 +121,11 @@ impl ConsumerContext for SourceHooks {
         // revoked partitions is acknowledged, then commit.
         self.intake.flush();
         let own = Instant::now() + self.drain_timeout;
-        let deadline = self.shutdown_deadline.lock().expect("deadline lock").map_or(own, |d| d.min(own));
+        let deadline = match *self.phase.lock().expect("phase lock") {
+            Phase::Consuming => own,
+            Phase::Draining { deadline } => deadline.min(own),
+            Phase::Done => Instant::now(),
+        };
         let left = self.acks.wait_drained(Some(&revoked), deadline);
         if left > 0 {
             metrics::counter!(metric::DRAIN_TIMEOUTS).increment(1);
@@ -168,7 +184,7 @@ impl Source {
             counters,
             intake: Intake { chunk: Mutex::new(Vec::new()), batcher: Mutex::new(batcher) },
             drain_timeout: config.drain_timeout,
-            shutdown_deadline: Mutex::new(None),
+            phase: Mutex::new(Phase::Consuming),
         };
         let consumer: BaseConsumer<SourceHooks> = config
             .kafka
@@ -313,7 +329,7 @@ impl Source {
     fn drain(&self) {
         let hooks = self.hooks();
         let deadline = Instant::now() + self.config.drain_timeout;
-        *hooks.shutdown_deadline.lock().expect("deadline lock") = Some(deadline);
+        *hooks.phase.lock().expect("phase lock") = Phase::Draining { deadline };
         tracing::info!("draining in-flight events");
         hooks.intake.close();
         if let Some(sink) = &self.relay {
@@ -328,6 +344,7 @@ impl Source {
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(error = %e, "final commit: nothing to commit or commit failed");
         }
+        *hooks.phase.lock().expect("phase lock") = Phase::Done;
         self.consumer.unsubscribe();
     }
 }

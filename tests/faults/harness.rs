@@ -211,6 +211,30 @@ pub async fn local_model(dir: &Path) -> PathBuf {
     store
 }
 
+/// What most scenarios start from: a temporary folder, the test broker, a
+/// model trained into a local store, and a fresh topic (with its `-out` and
+/// `-dlq` topics) and consumer group.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub kafka: KafkaArgs,
+    pub store: PathBuf,
+    /// `store` as `--model-store` takes it.
+    pub store_url: String,
+    pub topic: String,
+    pub group: String,
+}
+
+impl Setup {
+    pub async fn new(partitions: i32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let kafka = common::kafka();
+        let store = local_model(dir.path()).await;
+        let store_url = store.display().to_string();
+        let topic = topic_for(&kafka, partitions).await;
+        Self { dir, kafka, store, store_url, topic, group: common::unique("group") }
+    }
+}
+
 /// Unlabelled payments, as live traffic carries them.
 pub fn payments(n: u64, seed: u64) -> Vec<Payment> {
     Simulator::new(n, seed).map(|p| Payment { fraud: None, ..p }).collect()
