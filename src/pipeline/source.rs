@@ -162,6 +162,7 @@ pub struct Source {
     /// The relay baseline's sink; `None` when events go to the batcher.
     relay: Option<Arc<Sink>>,
     events_in: metrics::Counter,
+    in_flight: metrics::Gauge,
 }
 
 impl Source {
@@ -205,7 +206,8 @@ impl Source {
                 ("fetch.queue.backoff.ms", "10"),
             ])
             .create_with_context(hooks)?;
-        Ok(Self { consumer: Arc::new(consumer), config: config.clone(), relay, events_in })
+        let in_flight = metrics::gauge!(metric::IN_FLIGHT);
+        Ok(Self { consumer: Arc::new(consumer), config: config.clone(), relay, events_in, in_flight })
     }
 
     fn hooks(&self) -> &SourceHooks {
@@ -268,6 +270,7 @@ impl Source {
                 self.events_in.increment(taken as u64);
                 hooks.counters.consumed.fetch_add(taken as u64, Ordering::Relaxed);
                 hooks.intake.flush();
+                self.in_flight.set(hooks.acks.events_in_flight() as f64);
             }
         }
     }
@@ -317,6 +320,10 @@ impl Source {
                  the scorer picks it up within seconds of its creation",
                 self.config.input_topic
             )));
+        }
+        // Each distinct error once (bounded: messages may name offsets).
+        if reported.len() >= 64 {
+            reported.clear();
         }
         if reported.insert(error.to_string()) {
             tracing::warn!(error = %error, "consumer error (retrying)");
