@@ -40,6 +40,6 @@ lint: libtorch
 bench: libtorch
 	scripts/bench
 
-## faults: only the fault-injection suite (also part of `make test`)
+## faults: only the fault-injection suites (also part of `make test`)
 faults: libtorch
 	scripts/test faults

@@ -25,7 +25,7 @@ use fraudstream::codec::{Codec, WireFormat};
 use fraudstream::kafka::{ensure_topics, KafkaArgs};
 use fraudstream::model::{Model, ModelStore, MODEL_FILE};
 use fraudstream::model_watch::WatchConfig;
-use fraudstream::pipeline::PipelineConfig;
+use fraudstream::pipeline::{Delivery, PipelineConfig, TransactionConfig};
 use fraudstream::produce::{create_producer, publish_payments, PublishOptions};
 use fraudstream::scorer::{ScorerConfig, ScorerParts};
 use fraudstream::scoring::ScoringService;
@@ -60,14 +60,44 @@ fn peak_rss_mib(pid: &str) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// The pipelines measured side by side.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pipeline {
+    /// Consume -> produce through the same consumer, tickets and producer.
+    Relay,
+    /// The scorer, at least once (the default).
+    Scorer,
+    /// The scorer with `--delivery exactly-once`.
+    ExactlyOnce,
+}
+
+impl Pipeline {
+    fn name(self) -> &'static str {
+        match self {
+            Pipeline::Relay => "relay",
+            Pipeline::Scorer => "scorer",
+            Pipeline::ExactlyOnce => "exactly-once",
+        }
+    }
+
+    /// The pipeline of the latency phases: BENCH_DELIVERY=exactly-once, else the scorer.
+    fn from_env() -> Self {
+        match std::env::var("BENCH_DELIVERY").as_deref() {
+            Ok("exactly-once") => Pipeline::ExactlyOnce,
+            _ => Pipeline::Scorer,
+        }
+    }
+}
+
 fn scorer_config(
     kafka: &KafkaArgs,
     input: &str,
     output: &str,
     store: &str,
     cache: &std::path::Path,
-    relay: bool,
+    pipeline: Pipeline,
 ) -> ScorerConfig {
+    let delivery = if pipeline == Pipeline::ExactlyOnce { Delivery::ExactlyOnce } else { Delivery::AtLeastOnce };
     ScorerConfig {
         pipeline: PipelineConfig {
             kafka: kafka.clone(),
@@ -78,7 +108,9 @@ fn scorer_config(
             input_codec: CODEC,
             output_codec: CODEC,
             max_in_flight: env_u64("BENCH_IN_FLIGHT", 100_000) as usize,
-            relay_baseline: relay,
+            relay_baseline: pipeline == Pipeline::Relay,
+            delivery,
+            transaction: TransactionConfig { id: unique("bench-txn"), ..TransactionConfig::default() },
             ..PipelineConfig::default()
         },
         watch: WatchConfig {
@@ -236,7 +268,7 @@ impl LiveScorer {
         let parts = ScorerParts::new(1024);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(fraudstream::scorer::run(
-            scorer_config(kafka, &input, &output, store, cache, false),
+            scorer_config(kafka, &input, &output, store, cache, Pipeline::from_env()),
             parts.clone(),
             shutdown.clone(),
         ));
@@ -398,31 +430,31 @@ async fn main() {
     let producer = create_producer(&kafka).unwrap();
     let options = PublishOptions { topic: input.clone(), codec: CODEC, rate: None, stamp_event_time: true };
     publish_payments(&producer, &options, Simulator::new(events, 7), |_| {}).await.unwrap();
-    let mut relay_rounds = Vec::new();
-    let mut scorer_rounds = Vec::new();
+    let (mut relay_rounds, mut scorer_rounds, mut exactly_once_rounds) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..3 {
-        for relay in [true, false] {
-            if std::env::var("BENCH_PIPELINE").is_ok_and(|p| p != if relay { "relay" } else { "scorer" }) {
+        for pipeline in [Pipeline::Relay, Pipeline::Scorer, Pipeline::ExactlyOnce] {
+            if std::env::var("BENCH_PIPELINE").is_ok_and(|p| p != pipeline.name()) {
                 continue;
             }
-            let drain =
-                drain_topic(scorer_config(&kafka, &input, &unique("bench-out"), &store, &cache, relay), events).await;
+            let config = scorer_config(&kafka, &input, &unique("bench-out"), &store, &cache, pipeline);
+            let drain = drain_topic(config, events).await;
             eprintln!(
-                "round {round}: {} {:.0} events/s, CPU per event {:.2} us (+ broker {:.2} us)",
-                if relay { "relay " } else { "scorer" },
+                "round {round}: {:12} {:.0} events/s, CPU per event {:.2} us (+ broker {:.2} us)",
+                pipeline.name(),
                 drain.rate,
                 drain.own_cpu_us,
                 drain.broker_cpu_us
             );
-            if relay {
-                relay_rounds.push(drain)
-            } else {
-                scorer_rounds.push(drain)
+            match pipeline {
+                Pipeline::Relay => relay_rounds.push(drain),
+                Pipeline::Scorer => scorer_rounds.push(drain),
+                Pipeline::ExactlyOnce => exactly_once_rounds.push(drain),
             }
         }
     }
     let best = |rounds: &[Drain]| rounds.iter().map(|d| d.rate).fold(f64::NAN, f64::max);
-    let (relay_best, scorer_best) = (best(&relay_rounds), best(&scorer_rounds));
+    let (relay_best, scorer_best, exactly_once_best) =
+        (best(&relay_rounds), best(&scorer_rounds), best(&exactly_once_rounds));
     // Tuning aid: BENCH_THROUGHPUT_ONLY=1 stops after the throughput rounds.
     if std::env::var("BENCH_THROUGHPUT_ONLY").is_ok() {
         println!("relay {relay_best:.0} events/s, scorer {scorer_best:.0} events/s");
@@ -511,6 +543,7 @@ async fn main() {
     let headline = [
         format!("**{:.2}** ({scorer_best:.0} vs {relay_best:.0} events/s)", scorer_best / relay_best),
         format!("**{:.0}x** ({scorer_best:.0} vs {http_rate:.0} events/s)", scorer_best / http_rate),
+        format!("**{:.2}** ({exactly_once_best:.0} vs {scorer_best:.0} events/s)", exactly_once_best / scorer_best),
     ];
     if let Some(path) = headline_file {
         std::fs::write(path, headline.join("\n") + "\n").unwrap();
@@ -525,7 +558,12 @@ async fn main() {
         )
     };
     out.push_str(&row("no-op relay (consume -> produce, same code)", &relay_rounds, relay_best));
-    out.push_str(&row("scorer (decode, encode, score, produce)", &scorer_rounds, scorer_best));
+    out.push_str(&row("scorer (decode, encode, score, produce), at least once", &scorer_rounds, scorer_best));
+    out.push_str(&row(
+        "scorer, exactly once (Kafka transactions every 100 ms or 10,000 records)",
+        &exactly_once_rounds,
+        exactly_once_best,
+    ));
     out.push_str(&format!("| original architecture: sequential HTTP `:predict`, 1 event per call ({http_calls} calls) | | {http_rate:.0} | |\n\n"));
     out.push_str("### Inference alone (CPU, one intra-op thread, MLP 28-64-32-2 with its input layer)\n\n| batch | rows/s |\n|---|---|\n");
     for (batch, rate) in &inference_rows {

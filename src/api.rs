@@ -118,6 +118,7 @@ async fn ready(State(s): State<ApiState>) -> Response {
         "reason": reason,
         "model_version": model.map(|m| m.version.clone()),
         "assigned_partitions": partitions,
+        "delivery": s.pipeline.as_ref().and_then(|p| p.delivery()).map(crate::choice::Choice::name),
     });
     let status = if is_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()

@@ -25,7 +25,7 @@ pub trait Choice: Sized + Copy + PartialEq + 'static {
 mod tests {
     use super::Choice;
     use crate::codec::WireFormat;
-    use crate::consume::EventKind;
+    use crate::consume::{EventKind, Isolation};
     use crate::model::Device;
     use crate::telemetry::LogFormat;
 
@@ -44,5 +44,7 @@ mod tests {
         round_trips::<Device>();
         round_trips::<LogFormat>();
         round_trips::<EventKind>();
+        round_trips::<Isolation>();
+        round_trips::<crate::pipeline::Delivery>();
     }
 }

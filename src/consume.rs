@@ -30,6 +30,32 @@ impl crate::choice::Choice for EventKind {
     ];
 }
 
+/// Which records a reader sees on a topic written in transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Only committed transactions (and non-transactional records): each
+    /// exactly-once output once.
+    ReadCommitted,
+    /// Everything, aborted transactions' records too.
+    ReadUncommitted,
+}
+
+impl Isolation {
+    fn property(self) -> &'static str {
+        match self {
+            Isolation::ReadCommitted => "read_committed",
+            Isolation::ReadUncommitted => "read_uncommitted",
+        }
+    }
+}
+
+impl crate::choice::Choice for Isolation {
+    const CHOICES: &'static [(Self, &'static str, &'static str)] = &[
+        (Self::ReadCommitted, "read-committed", "only committed transactions: exactly-once outputs once each"),
+        (Self::ReadUncommitted, "read-uncommitted", "every record, aborted transactions' too"),
+    ];
+}
+
 /// What to print.
 #[derive(Debug, Clone)]
 pub struct ConsumeOptions {
@@ -46,6 +72,7 @@ pub struct ConsumeOptions {
     pub max_events: Option<u64>,
     /// Stop when no event arrives for this long.
     pub idle_timeout: Option<Duration>,
+    pub isolation: Isolation,
 }
 
 /// What a run printed and skipped.
@@ -76,6 +103,7 @@ pub async fn print_events(
         .client_config(&[
             ("group.id", &group),
             ("enable.auto.commit", "false"),
+            ("isolation.level", options.isolation.property()),
             ("auto.offset.reset", if options.from_beginning { "earliest" } else { "latest" }),
         ])
         .create()

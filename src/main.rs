@@ -8,13 +8,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cli::choice;
-use fraudstream::consume::{print_events, ConsumeOptions, EventKind};
+use fraudstream::consume::{print_events, ConsumeOptions, EventKind, Isolation};
 use fraudstream::demo::DemoConfig;
 use fraudstream::kafka::{ensure_topics, KafkaArgs};
 use fraudstream::model::Device;
 use fraudstream::model_watch::WatchConfig;
 use fraudstream::payment::BankSimReader;
-use fraudstream::pipeline::{GuardLimits, PipelineConfig};
+use fraudstream::pipeline::{default_transactional_id, Delivery, GuardLimits, PipelineConfig, TransactionConfig};
 use fraudstream::produce::{create_producer, publish_payments, PublishOptions};
 use fraudstream::scorer::{ScorerConfig, ScorerParts};
 use fraudstream::telemetry::{init_logging, LogFormat};
@@ -145,6 +145,20 @@ struct ScoreArgs {
     /// Longest a model version may take to load and warm up before it is rejected.
     #[arg(long, env = "FRAUDSTREAM_MODEL_LOAD_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     model_load_timeout: Duration,
+    /// What readers of the output topic may count on: `exactly-once` commits outputs and input
+    /// offsets in Kafka transactions (read them with isolation.level=read_committed).
+    #[arg(long, env = "FRAUDSTREAM_DELIVERY", value_parser = choice::<Delivery>(), default_value = "at-least-once")]
+    delivery: Delivery,
+    /// Exactly-once: commit the open transaction at least this often.
+    #[arg(long, env = "FRAUDSTREAM_TRANSACTION_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    transaction_interval: Duration,
+    /// Exactly-once: commit sooner once a transaction holds this many records.
+    #[arg(long, env = "FRAUDSTREAM_TRANSACTION_MAX_EVENTS", default_value_t = 10_000)]
+    transaction_max_events: usize,
+    /// Exactly-once: the producer's transactional.id, stable for this member across restarts and
+    /// unique among members (default: `<group id>-<host name>`, e.g. a StatefulSet pod's name).
+    #[arg(long, env = "FRAUDSTREAM_TRANSACTIONAL_ID")]
+    transactional_id: Option<String>,
     /// REST scoring requests served at once; more get 429 (the stream keeps its share of the model).
     #[arg(long, env = "FRAUDSTREAM_MAX_REST_CONCURRENCY", default_value_t = fraudstream::api::DEFAULT_REST_CONCURRENCY)]
     max_rest_concurrency: usize,
@@ -298,6 +312,9 @@ struct ConsumeArgs {
     /// Stop when nothing arrives for this long (e.g. `5s`; default: wait forever).
     #[arg(long, value_parser = humantime::parse_duration, env = "FRAUDSTREAM_IDLE_TIMEOUT")]
     idle_timeout: Option<Duration>,
+    /// Which records to see on a topic written in transactions (a scorer with --delivery exactly-once).
+    #[arg(long, value_parser = choice::<Isolation>(), default_value = "read-committed", env = "FRAUDSTREAM_ISOLATION_LEVEL")]
+    isolation_level: Isolation,
 }
 
 fn main() -> Result<()> {
@@ -463,6 +480,7 @@ async fn consume(args: ConsumeArgs) -> Result<()> {
         frauds_only: args.frauds_only,
         max_events: args.max,
         idle_timeout: args.idle_timeout,
+        isolation: args.isolation_level,
     };
     let summary = print_events(&args.kafka.into(), &options, &mut std::io::stdout().lock()).await?;
     if summary.undecodable > 0 {
@@ -477,6 +495,7 @@ async fn score(args: ScoreArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => std::env::temp_dir().join(format!("fraudstream-models-{}", std::process::id())),
     };
+    let transactional_id = args.transactional_id.unwrap_or_else(|| default_transactional_id(&args.group_id));
     let config = ScorerConfig {
         pipeline: PipelineConfig {
             kafka: args.kafka.into(),
@@ -495,6 +514,12 @@ async fn score(args: ScoreArgs) -> Result<()> {
                 window: args.dlq_window,
                 max_share: args.dlq_max_share,
                 max_consecutive: args.dlq_max_consecutive,
+            },
+            delivery: args.delivery,
+            transaction: TransactionConfig {
+                id: transactional_id,
+                interval: args.transaction_interval,
+                max_events: args.transaction_max_events,
             },
             relay_baseline: false,
         },

@@ -40,6 +40,10 @@ pub mod metric {
     pub const DELIVERY_FAILURES: &str = "fraudstream_delivery_failures_total";
     /// Counter, label `kind`: failures of ours that stopped the pipeline (fail closed).
     pub const PIPELINE_FAILURES: &str = "fraudstream_pipeline_failures_total";
+    /// Counter, label `outcome` (committed/aborted): exactly-once transactions.
+    pub const TRANSACTIONS: &str = "fraudstream_transactions_total";
+    /// Histogram, seconds: closing one exactly-once transaction (flush, offsets, commit).
+    pub const TRANSACTION_COMMIT_SECONDS: &str = "fraudstream_transaction_commit_seconds";
     /// Counter: revokes or shutdowns whose drain ran out of time (their events are re-delivered).
     pub const DRAIN_TIMEOUTS: &str = "fraudstream_drain_timeouts_total";
     /// Counter: REST requests refused with 429 because the REST concurrency limit was reached.

@@ -45,6 +45,12 @@ pub enum PipelineFailure {
     #[error("the input consumer hit a fatal error: {reason}")]
     ConsumerFatal { reason: String },
     #[error(
+        "exactly-once: {step} failed: {reason}{}; the scorer stops and its restart re-reads from the last \
+         committed transaction (a fenced producer means another scorer took this transactional.id)",
+        if *aborted { " (the open transaction was aborted)" } else { "" }
+    )]
+    Transaction { step: &'static str, aborted: bool, reason: String },
+    #[error(
         "{dead} of the last {window} events were dead-lettered ({consecutive} in a row), over the limit \
          (--dlq-max-share {max_share}, --dlq-max-consecutive {max_consecutive}): something upstream \
          is sending what this scorer cannot read (a new schema or format?); fix the producer or \
@@ -67,6 +73,7 @@ impl PipelineFailure {
             Self::Delivery { .. } => "delivery",
             Self::ProducerFatal { .. } => "producer-fatal",
             Self::ConsumerFatal { .. } => "consumer-fatal",
+            Self::Transaction { .. } => "transaction",
             Self::DeadLetterGuard { .. } => "dead-letter-guard",
             Self::Unacknowledged { .. } => "unacknowledged",
         }

@@ -42,8 +42,12 @@ impl DeadLetterGuard {
         Self { limits, recent: VecDeque::with_capacity(limits.window), dead: 0, consecutive: 0 }
     }
 
-    /// Records `count` events that went out as scored outputs.
+    /// Records `count` events that went out as scored outputs (a run of
+    /// dead letters ends only if there was one).
     pub fn scored(&mut self, count: usize) {
+        if count == 0 {
+            return;
+        }
         for _ in 0..count.min(self.limits.window) {
             self.push(false);
         }
@@ -119,6 +123,7 @@ mod tests {
         for _ in 0..4 {
             assert!(g.dead_lettered().is_ok());
         }
+        g.scored(0); // a batch with nothing scored does not end the run
         let Err(PipelineFailure::DeadLetterGuard { consecutive, .. }) = g.dead_lettered() else {
             panic!("five in a row must stop")
         };

@@ -28,6 +28,7 @@ mod offsets;
 mod sink;
 mod source;
 mod ticket;
+mod transaction;
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
@@ -44,15 +45,33 @@ pub use guard::{DeadLetterGuard, GuardLimits};
 pub use offsets::OffsetTracker;
 pub use sink::{DeadLetterReason, MAX_ERROR_HEADER_BYTES};
 pub use ticket::{Acks, InFlightLimits, Ticket};
+pub use transaction::{default_transactional_id, TransactionConfig};
 
 use crate::codec::{Codec, WireFormat};
 use crate::kafka::KafkaArgs;
-use crate::payment::{now_ms, Payment};
+use crate::payment::Payment;
 use crate::scoring::{ScoredBatch, ScoringError, ScoringService};
 use crate::telemetry::metric;
 use batcher::Next;
 use sink::{Event, Sink};
 use source::{Downstream, Source};
+
+/// What a reader of the output topic may count on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Every valid payment is scored; a crash re-delivers (duplicates possible).
+    AtLeastOnce,
+    /// Outputs and input offsets commit together in Kafka transactions: a
+    /// `read_committed` reader sees each output once.
+    ExactlyOnce,
+}
+
+impl crate::choice::Choice for Delivery {
+    const CHOICES: &'static [(Self, &'static str, &'static str)] = &[
+        (Self::AtLeastOnce, "at-least-once", "a crash re-delivers; duplicates possible, loss not"),
+        (Self::ExactlyOnce, "exactly-once", "Kafka transactions; read the output with isolation.level=read_committed"),
+    ];
+}
 
 /// Settings of the streaming part of the scorer.
 #[derive(Debug, Clone)]
@@ -76,6 +95,9 @@ pub struct PipelineConfig {
     pub drain_timeout: Duration,
     /// When too much is dead-lettered, stop instead.
     pub dead_letter_guard: GuardLimits,
+    pub delivery: Delivery,
+    /// Exactly-once only: the transactional id and when transactions commit.
+    pub transaction: TransactionConfig,
     /// Benchmarks only (no flag sets it): forward every input event unchanged
     /// to the output topic, without decoding or scoring, through the same
     /// consumer, tickets and producer: the baseline for the Kafka ceiling.
@@ -98,6 +120,8 @@ impl Default for PipelineConfig {
             max_in_flight_bytes: 256 << 20,
             drain_timeout: Duration::from_secs(30),
             dead_letter_guard: GuardLimits::default(),
+            delivery: Delivery::AtLeastOnce,
+            transaction: TransactionConfig::default(),
             relay_baseline: false,
         }
     }
@@ -110,6 +134,7 @@ pub struct PipelineState {
     /// Why nothing is being consumed although the pipeline runs (e.g. no input topic yet).
     waiting: Mutex<Option<String>>,
     failure: Arc<Failure>,
+    delivery: std::sync::OnceLock<Delivery>,
 }
 
 impl PipelineState {
@@ -140,6 +165,11 @@ impl PipelineState {
     /// Why the pipeline is not consuming, if it says.
     pub fn waiting(&self) -> Option<String> {
         self.waiting.lock().expect("waiting lock").clone()
+    }
+
+    /// The delivery mode of the running pipeline.
+    pub fn delivery(&self) -> Option<Delivery> {
+        self.delivery.get().copied()
     }
 
     /// The failure that stopped the pipeline, if one did.
@@ -203,6 +233,7 @@ pub async fn run(
 ) -> Result<(), PipelineError> {
     let kafka_err = |source| PipelineError::Kafka { brokers: config.kafka.brokers.clone(), source };
     let failure = state.failure.clone();
+    let _ = state.delivery.set(config.delivery);
     let limits = InFlightLimits { events: config.max_in_flight.max(1), bytes: config.max_in_flight_bytes.max(1) };
     let acks = Arc::new(Acks::new(&config.input_topic, limits, failure.clone()));
     let sink =
@@ -225,17 +256,17 @@ pub async fn run(
 
     // The batcher and the emitter run as tasks; the source hands them events.
     let (downstream, tasks) = if config.relay_baseline {
-        (Downstream::Relay { sink: sink.clone() }, Vec::new())
+        (Downstream::Relay, Vec::new())
     } else {
         let (chunk_tx, chunk_rx) = mpsc::channel::<Vec<Event>>(16);
         let (batch_tx, batch_rx) = mpsc::channel::<Pending>(8);
         let policy = BatchPolicy { max_batch: config.max_batch.max(1), max_delay: config.max_delay };
-        let batching = tokio::spawn(batch(chunk_rx, policy, config.input_codec, scoring, sink.clone(), batch_tx));
+        let batching = tokio::spawn(batch(chunk_rx, policy, config.input_codec, scoring, batch_tx));
         let emitting = tokio::spawn(emit(batch_rx, sink.clone(), counters.clone()));
         (Downstream::Batcher(chunk_tx), vec![batching, emitting])
     };
-    let source =
-        Source::create(&config, acks, state.clone(), counters.clone(), downstream, events_in).map_err(kafka_err)?;
+    let source = Source::create(&config, acks, state.clone(), counters.clone(), sink.clone(), downstream, events_in)
+        .map_err(kafka_err)?;
     let (done_tx, done_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("fraudstream-source".into())
@@ -264,32 +295,30 @@ pub async fn run(
     }
 }
 
-/// A micro-batch's events, waiting for their scores.
-type Pending = (Vec<Event>, oneshot::Receiver<Result<ScoredBatch, ScoringError>>);
+/// A micro-batch's events (an undecodable one with its error), waiting for
+/// the scores of the decoded ones.
+type Pending = (Vec<(Event, Option<String>)>, oneshot::Receiver<Result<ScoredBatch, ScoringError>>);
 
-/// The batcher task: decodes events (undecodable ones are dead-lettered) and
-/// cuts micro-batches for the scoring service, in order.
+/// The batcher task: decodes events and cuts micro-batches for the scoring
+/// service. An undecodable event stays in its place in the batch, so the
+/// emitter sends every output and dead letter of a partition in input order
+/// (what lets a transaction's offsets cover exactly what it holds).
 async fn batch(
     mut chunks: mpsc::Receiver<Vec<Event>>,
     policy: BatchPolicy,
     codec: Codec,
     scoring: ScoringService,
-    sink: Arc<Sink>,
     batches: mpsc::Sender<Pending>,
 ) {
-    let mut batcher: Batcher<(Event, Payment)> = Batcher::new(policy);
+    let mut batcher: Batcher<(Event, Result<Payment, String>)> = Batcher::new(policy);
     loop {
         let full = match batcher::next_chunk(&mut chunks, batcher.due()).await {
             Next::Chunk(chunk) => {
                 let now = tokio::time::Instant::now();
                 for event in chunk {
-                    match decode(&codec, &event.payload) {
-                        Ok(payment) => {
-                            if let Some(full) = batcher.push((event, payment), now) {
-                                submit(&scoring, &batches, full).await;
-                            }
-                        }
-                        Err(error) => sink.dead_letter(event, now_ms(), DeadLetterReason::Undecodable, &error).await,
+                    let decoded = decode(&codec, &event.payload);
+                    if let Some(full) = batcher.push((event, decoded), now) {
+                        submit(&scoring, &batches, full).await;
                     }
                 }
                 batcher.take_due(tokio::time::Instant::now())
@@ -309,8 +338,22 @@ async fn batch(
 }
 
 /// Hands a micro-batch to the scoring service and its events to the emitter.
-async fn submit(scoring: &ScoringService, batches: &mpsc::Sender<Pending>, batch: Vec<(Event, Payment)>) {
-    let (events, payments): (Vec<Event>, Vec<Payment>) = batch.into_iter().unzip();
+async fn submit(
+    scoring: &ScoringService,
+    batches: &mpsc::Sender<Pending>,
+    batch: Vec<(Event, Result<Payment, String>)>,
+) {
+    let mut events = Vec::with_capacity(batch.len());
+    let mut payments = Vec::with_capacity(batch.len());
+    for (event, decoded) in batch {
+        match decoded {
+            Ok(payment) => {
+                payments.push(payment);
+                events.push((event, None));
+            }
+            Err(error) => events.push((event, Some(error))),
+        }
+    }
     let reply = match scoring.submit(payments).await {
         Ok(reply) => reply,
         Err(e) => {

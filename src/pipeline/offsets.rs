@@ -102,6 +102,13 @@ impl OffsetTracker {
         }
     }
 
+    /// Every partition's committable position (the next offset to read when
+    /// resuming), as last reported by `finish`.
+    pub fn positions(&self) -> Vec<(i32, i64)> {
+        let map = self.partitions.lock().expect("offset tracker lock");
+        map.iter().map(|(partition, state)| (*partition, state.reported)).collect()
+    }
+
     /// Forgets partitions this consumer no longer owns.
     pub fn forget(&self, partitions: &[(String, i32)]) {
         let mut map = self.partitions.lock().expect("offset tracker lock");

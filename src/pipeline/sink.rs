@@ -23,7 +23,8 @@ use rdkafka::ClientContext;
 use super::failure::{Failure, PipelineFailure};
 use super::guard::DeadLetterGuard;
 use super::ticket::Ticket;
-use super::{EventMetrics, PipelineConfig, PipelineCounters};
+use super::transaction::Transactions;
+use super::{Delivery as DeliveryMode, EventMetrics, PipelineConfig, PipelineCounters};
 use crate::codec::Codec;
 use crate::payment::now_ms;
 use crate::scoring::{ScoredBatch, ScoringError};
@@ -90,6 +91,8 @@ pub struct SinkHooks {
     failure: Arc<Failure>,
     metrics: EventMetrics,
     counters: Arc<PipelineCounters>,
+    /// Exactly-once: told when each record's delivery is dealt with.
+    transactions: Option<Arc<Transactions>>,
 }
 
 impl ClientContext for SinkHooks {
@@ -108,6 +111,15 @@ impl ProducerContext for SinkHooks {
     type DeliveryOpaque = Box<Delivery>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
+        self.deliver(result, *delivery);
+        if let Some(transactions) = &self.transactions {
+            transactions.settle();
+        }
+    }
+}
+
+impl SinkHooks {
+    fn deliver(&self, result: &DeliveryResult<'_>, delivery: Delivery) {
         match result {
             Ok(_) => {
                 match delivery.kind {
@@ -151,6 +163,8 @@ pub struct Sink {
     output_codec: Codec,
     guard: Mutex<DeadLetterGuard>,
     failure: Arc<Failure>,
+    /// Exactly-once: the open transaction every record joins.
+    transactions: Option<Arc<Transactions>>,
 }
 
 impl Sink {
@@ -163,18 +177,30 @@ impl Sink {
         // The producer's queue holds what is in flight: size it to the same budget.
         let queue_messages = config.max_in_flight.saturating_add(1024).to_string();
         let queue_kbytes = (config.max_in_flight_bytes / 1024 * 2).clamp(16 * 1024, 2_097_151).to_string();
-        let producer = config
-            .kafka
-            .client_config(&[
-                ("enable.idempotence", "true"),
-                ("linger.ms", "1"),
-                ("compression.type", "lz4"),
-                // Retry until delivered: an undeliverable output must never let its input be committed.
-                ("message.timeout.ms", "0"),
-                ("queue.buffering.max.messages", &queue_messages),
-                ("queue.buffering.max.kbytes", &queue_kbytes),
-            ])
-            .create_with_context(SinkHooks { failure: failure.clone(), metrics, counters })?;
+        let mut settings = vec![
+            ("enable.idempotence", "true"),
+            ("linger.ms", "1"),
+            ("compression.type", "lz4"),
+            // Retry until delivered: an undeliverable output must never let its input be committed.
+            ("message.timeout.ms", "0"),
+            ("queue.buffering.max.messages", &queue_messages),
+            ("queue.buffering.max.kbytes", &queue_kbytes),
+        ];
+        let exactly_once = config.delivery == DeliveryMode::ExactlyOnce;
+        if exactly_once {
+            settings.push(("transactional.id", &config.transaction.id));
+            // A crashed member's open transaction blocks read_committed readers
+            // of its partitions until the broker aborts it: keep that short.
+            settings.push(("transaction.timeout.ms", "10000"));
+        }
+        let transactions = exactly_once.then(|| Arc::new(Transactions::new(config.transaction.clone())));
+        let hooks = SinkHooks { failure: failure.clone(), metrics, counters, transactions: transactions.clone() };
+        let producer: ThreadedProducer<SinkHooks> = config.kafka.client_config(&settings).create_with_context(hooks)?;
+        if exactly_once {
+            // Fences any earlier producer with this id and aborts its open transaction.
+            producer.init_transactions(Duration::from_secs(30))?;
+            producer.begin_transaction()?;
+        }
         Ok(Self {
             producer,
             input_topic: config.input_topic.clone(),
@@ -183,7 +209,26 @@ impl Sink {
             output_codec: config.output_codec,
             guard: Mutex::new(DeadLetterGuard::new(config.dead_letter_guard)),
             failure,
+            transactions,
         })
+    }
+
+    /// Exactly-once: the open transaction.
+    pub fn transactions(&self) -> Option<&Transactions> {
+        self.transactions.as_deref()
+    }
+
+    /// Exactly-once: commits the open transaction with the input `positions`
+    /// (a no-op at least once).
+    pub fn commit_transaction(
+        &self,
+        tracker: &super::offsets::OffsetTracker,
+        group: Option<rdkafka::consumer::ConsumerGroupMetadata>,
+    ) -> Result<(), PipelineFailure> {
+        match &self.transactions {
+            Some(transactions) => transactions.commit(&self.producer, tracker, group),
+            None => Ok(()),
+        }
     }
 
     pub fn output_topic(&self) -> &str {
@@ -193,8 +238,14 @@ impl Sink {
     /// Enqueues `record`; gives it back only when librdkafka's queue is full
     /// (try again shortly). Any other error fails the pipeline.
     fn enqueue<'a>(&self, record: Record<'a>) -> Option<Record<'a>> {
+        let _open_transaction = self.transactions.as_deref().map(Transactions::gate);
         match self.producer.send(record) {
-            Ok(()) => None,
+            Ok(()) => {
+                if let Some(transactions) = &self.transactions {
+                    transactions.sent_one();
+                }
+                None
+            }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => Some(back),
             Err((source, back)) => {
                 metrics::counter!(metric::DELIVERY_FAILURES).increment(1);
@@ -268,17 +319,18 @@ impl Sink {
 
     /// Produces the results of one scored batch, in order. A batch the model
     /// could not score, or a score that is not a probability, fails the
-    /// pipeline: the model is ours, the payments are valid.
+    /// pipeline: the model is ours, the payments are valid. Undecodable
+    /// events (with their error) are dead-lettered in their place.
     pub async fn emit(
         &self,
-        events: Vec<Event>,
+        events: Vec<(Event, Option<String>)>,
         batch: Result<ScoredBatch, ScoringError>,
         counters: &PipelineCounters,
     ) {
         let batch = match batch {
             Ok(batch) => batch,
             Err(source) => {
-                let first = events.first().map(|e| (e.ticket.partition(), e.ticket.offset())).unwrap_or((-1, -1));
+                let first = events.first().map(|(e, _)| (e.ticket.partition(), e.ticket.offset())).unwrap_or((-1, -1));
                 self.failure.fail(PipelineFailure::Scoring {
                     topic: self.input_topic.clone(),
                     partition: first.0,
@@ -294,8 +346,15 @@ impl Sink {
         // One output value per batch, its payment and score replaced per
         // event: the model's name and version are not copied per event.
         let mut reused: Option<crate::payment::ScoredPayment> = None;
-        let mut events = events.into_iter();
-        for ((event, payment), result) in events.by_ref().zip(batch.payments).zip(batch.results) {
+        let mut scores = batch.payments.into_iter().zip(batch.results);
+        for (event, undecodable) in events {
+            if let Some(error) = undecodable {
+                self.dead_letter(event, now_ms(), DeadLetterReason::Undecodable, &error).await;
+                continue;
+            }
+            let Some((payment, result)) = scores.next() else {
+                return; // fewer scores than payments: the remaining tickets drop, the pipeline stops
+            };
             match result {
                 Ok(p) => {
                     let event_time = payment.event_time;

@@ -48,7 +48,7 @@ enum Phase {
 /// Where read events go: the batcher, or (relay benchmark) straight to the sink.
 pub enum Downstream {
     Batcher(mpsc::Sender<Vec<Event>>),
-    Relay { sink: Arc<Sink> },
+    Relay,
 }
 
 /// Events read but not yet handed downstream. The revoke callback runs inside
@@ -85,9 +85,30 @@ pub struct SourceHooks {
     acks: Arc<Acks>,
     state: Arc<PipelineState>,
     counters: Arc<PipelineCounters>,
+    /// Where outputs go; exactly-once commits its transactions.
+    sink: Arc<Sink>,
     intake: Intake,
     drain_timeout: Duration,
     phase: Mutex<Phase>,
+}
+
+impl SourceHooks {
+    /// Commits what was acknowledged: the stored offsets (at least once), or
+    /// the open transaction with the tracker's positions (exactly once).
+    fn commit(&self, consumer: &BaseConsumer<Self>, why: &'static str) {
+        if self.sink.transactions().is_none() {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, why, "nothing to commit or commit failed");
+            }
+            return;
+        }
+        if matches!(self.acks.failure().get(), Some(PipelineFailure::Transaction { .. })) {
+            return; // the transaction is gone; the restart rewinds
+        }
+        if let Err(failure) = self.sink.commit_transaction(self.acks.tracker(), consumer.group_metadata()) {
+            self.acks.failure().fail(failure);
+        }
+    }
 }
 
 impl ClientContext for SourceHooks {
@@ -132,8 +153,16 @@ impl ConsumerContext for SourceHooks {
             self.counters.drain_timeouts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(left, "revoke: drain timed out; those events will be re-delivered to the next owner");
         }
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::debug!(error = %e, "revoke: nothing to commit or commit failed");
+        if self.sink.transactions().is_some() && consumer.assignment_lost() {
+            // Another member may already own these partitions: committing our
+            // outputs for them could duplicate theirs. Stop; the restart rewinds.
+            self.acks.failure().fail(PipelineFailure::Transaction {
+                step: "revoke",
+                aborted: false,
+                reason: "the assignment was lost (session timed out?)".into(),
+            });
+        } else {
+            self.commit(consumer, "revoke");
         }
         self.acks.tracker().forget(&revoked);
         self.state.unassign(&revoked);
@@ -159,8 +188,8 @@ impl ConsumerContext for SourceHooks {
 pub struct Source {
     consumer: Arc<BaseConsumer<SourceHooks>>,
     config: PipelineConfig,
-    /// The relay baseline's sink; `None` when events go to the batcher.
-    relay: Option<Arc<Sink>>,
+    /// The relay baseline sends events straight to the sink.
+    relay: bool,
     events_in: metrics::Counter,
     in_flight: metrics::Gauge,
 }
@@ -172,17 +201,20 @@ impl Source {
         acks: Arc<Acks>,
         state: Arc<PipelineState>,
         counters: Arc<PipelineCounters>,
+        sink: Arc<Sink>,
         downstream: Downstream,
         events_in: metrics::Counter,
     ) -> Result<Self, KafkaError> {
         let (batcher, relay) = match downstream {
-            Downstream::Batcher(tx) => (Some(tx), None),
-            Downstream::Relay { sink } => (None, Some(sink)),
+            Downstream::Batcher(tx) => (Some(tx), false),
+            Downstream::Relay => (None, true),
         };
+        let exactly_once = sink.transactions().is_some();
         let hooks = SourceHooks {
             acks,
             state,
             counters,
+            sink,
             intake: Intake { chunk: Mutex::new(Vec::new()), batcher: Mutex::new(batcher) },
             drain_timeout: config.drain_timeout,
             phase: Mutex::new(Phase::Consuming),
@@ -192,7 +224,8 @@ impl Source {
             .client_config(&[
                 ("group.id", &config.group_id),
                 ("partition.assignment.strategy", "cooperative-sticky"),
-                ("enable.auto.commit", "true"),
+                // Exactly once: offsets commit only inside transactions.
+                ("enable.auto.commit", if exactly_once { "false" } else { "true" }),
                 ("auto.commit.interval.ms", "1000"),
                 ("enable.auto.offset.store", "false"),
                 ("auto.offset.reset", "earliest"),
@@ -217,28 +250,66 @@ impl Source {
     /// Consumes until `stop` is cancelled (shutdown or a failure), then drains,
     /// commits and closes the consumer. Runs on its own thread.
     pub fn run(self, stop: CancellationToken) -> Result<(), KafkaError> {
-        // Committable positions come from the tickets' finalizer, on the
-        // producer's thread; the weak handle never outlives `clear_store`.
+        // At least once, committable positions are stored with the consumer
+        // by the tickets' finalizer, on the producer's thread; the weak
+        // handle never outlives `clear_store`. Exactly once, transactions
+        // read them from the tracker instead.
         let weak = Arc::downgrade(&self.consumer);
         let topic = self.config.input_topic.clone();
-        self.hooks().acks.set_store(Box::new(move |partition, position| {
-            if let Some(consumer) = weak.upgrade() {
-                // store_offset(o) commits o + 1; fails harmlessly if the partition was revoked.
-                if let Err(e) = consumer.store_offset(&topic, partition, position - 1) {
-                    tracing::debug!(partition, position, error = %e, "offset not stored");
+        if self.hooks().sink.transactions().is_none() {
+            self.hooks().acks.set_store(Box::new(move |partition, position| {
+                if let Some(consumer) = weak.upgrade() {
+                    // store_offset(o) commits o + 1; fails harmlessly if the partition was revoked.
+                    if let Err(e) = consumer.store_offset(&topic, partition, position - 1) {
+                        tracing::debug!(partition, position, error = %e, "offset not stored");
+                    }
                 }
-            }
-        }));
+            }));
+        }
         let subscribed = self.consumer.subscribe(&[&self.config.input_topic]);
         if subscribed.is_ok() {
             tracing::info!(topic = %self.config.input_topic, group = %self.config.group_id, "consuming");
+            let committer = self.start_committer(&stop);
             self.consume(&stop);
+            if let Some(committer) = committer {
+                let _ = committer.join();
+            }
             self.drain();
         }
         // Done: from here on this thread holds the only handle, and closing
         // the consumer (which leaves the group) happens here.
         self.hooks().acks.clear_store();
         subscribed
+    }
+
+    /// Exactly once: a thread that commits the open transaction every
+    /// interval, or sooner when it holds `max_events` records, until `stop`.
+    fn start_committer(&self, stop: &CancellationToken) -> Option<std::thread::JoinHandle<()>> {
+        let config = self.hooks().sink.transactions()?.config().clone();
+        let (consumer, stop) = (self.consumer.clone(), stop.clone());
+        let spawned = std::thread::Builder::new().name("fraudstream-txn".into()).spawn(move || {
+            let mut last = Instant::now();
+            while !stop.is_cancelled() {
+                std::thread::sleep(Duration::from_millis(5));
+                let hooks = consumer.context();
+                let full = hooks.sink.transactions().is_some_and(|t| t.is_full());
+                if full || last.elapsed() >= config.interval {
+                    hooks.commit(&consumer, "interval");
+                    last = Instant::now();
+                }
+            }
+        });
+        match spawned {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                self.hooks().acks.failure().fail(PipelineFailure::Transaction {
+                    step: "start",
+                    aborted: false,
+                    reason: format!("cannot start the committer thread: {e}"),
+                });
+                None
+            }
+        }
     }
 
     /// Consuming: read, issue a ticket per event, hand events downstream in chunks.
@@ -287,12 +358,13 @@ impl Source {
                 None => {}
             }
         };
-        match &self.relay {
-            Some(sink) => {
+        match self.relay {
+            true => {
                 let event_time = message.timestamp().to_millis().unwrap_or_else(now_ms);
+                let sink = &hooks.sink;
                 sink.send_blocking(sink.output_topic(), message.key(), payload, Delivery::output(ticket, event_time));
             }
-            None => {
+            false => {
                 let event = Event {
                     ticket,
                     key: message.key().map(<[u8]>::to_vec),
@@ -339,8 +411,8 @@ impl Source {
         *hooks.phase.lock().expect("phase lock") = Phase::Draining { deadline };
         tracing::info!("draining in-flight events");
         hooks.intake.close();
-        if let Some(sink) = &self.relay {
-            sink.flush(Duration::from_millis(10));
+        if self.relay {
+            hooks.sink.flush(Duration::from_millis(10));
         }
         let left = hooks.acks.wait_drained(None, deadline);
         if left > 0 {
@@ -348,9 +420,7 @@ impl Source {
             hooks.counters.drain_timeouts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(left, "drain timed out; those events will be re-delivered");
         }
-        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::debug!(error = %e, "final commit: nothing to commit or commit failed");
-        }
+        hooks.commit(&self.consumer, "final");
         *hooks.phase.lock().expect("phase lock") = Phase::Done;
         self.consumer.unsubscribe();
     }
