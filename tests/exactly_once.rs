@@ -15,6 +15,19 @@ use fraudstream::Payment;
 use harness::{payments, read_outputs, records, verify_outputs, Scorer, Setup, CODEC};
 use rdkafka::message::OwnedMessage;
 
+/// A member that stopped on a transaction failure is restarted, as an
+/// orchestrator would; any other exit fails the test.
+fn revive(scorer: &mut Scorer, spawn: impl FnOnce() -> Scorer) {
+    if scorer.alive() {
+        return;
+    }
+    let status = scorer.child.wait().unwrap();
+    let log = scorer.log();
+    assert!(!status.success() && log.contains("exactly-once:"), "the scorer exited ({status}):\n{log}");
+    eprintln!("restarting a member stopped by: {}", log.lines().find(|l| l.contains("exactly-once:")).unwrap_or(""));
+    *scorer = spawn();
+}
+
 fn exactly_once(id: &str) -> [String; 6] {
     ["--delivery", "exactly-once", "--transactional-id", id, "--transaction-interval", "100ms"].map(String::from)
 }
@@ -72,7 +85,9 @@ async fn a_crashed_member_costs_no_duplicate() {
     let mut b = Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &args_b);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while b.assigned_partitions().await != Some(2) {
-        assert!(a.alive(), "the first member exited when the second joined:\n{}", a.log());
+        // A commit that races the rebalance (ILLEGAL_GENERATION) aborts and
+        // stops the member (fail closed); the orchestrator restarts it.
+        revive(&mut a, || Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &args_a));
         assert!(std::time::Instant::now() < deadline, "the new member never owned 2 partitions:\n{}", b.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -85,8 +100,8 @@ async fn a_crashed_member_costs_no_duplicate() {
     publishing.await.unwrap();
     // The crashed member's open transaction is aborted by the broker after
     // transaction.timeout.ms (10 s); until then read_committed readers wait.
+    revive(&mut b, || Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &args_b));
     read_outputs(&kafka, &format!("{topic}-out"), &sent, Duration::from_secs(40)).await;
-    assert!(b.alive(), "{}", b.log());
     b.stop();
     let outputs = everything(&kafka, &format!("{topic}-out")).await;
     let verified = verify_outputs(&sent, &outputs, &store, "exactly-once: a member crashes");
@@ -132,4 +147,66 @@ async fn each_bad_event_is_dead_lettered_once() {
     assert_eq!((verified.outputs, verified.duplicates), (good.len(), 0), "not exactly once");
     let dlq = everything(&kafka, &format!("{topic}-dlq")).await;
     assert_eq!(dlq.len(), 5_000, "each bad event dead-lettered exactly once");
+}
+
+/// The broker is killed (`kill -9`) while transactions are open and restarts
+/// on the same data. A scorer whose transaction failed exits non-zero (fail
+/// closed) and is restarted, as an orchestrator would; either way every
+/// payment ends with exactly one committed output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_crash_costs_no_duplicate() {
+    use harness::{free_port, kafka_node, local_model, topic_for, wait_kafka};
+    let dir = tempfile::tempdir().unwrap();
+    let store = local_model(dir.path()).await;
+    let store_url = store.display().to_string();
+    let (port, controller) = (free_port(), free_port());
+    let mut broker = kafka_node(dir.path(), port, controller);
+    let kafka = KafkaArgs::new(format!("127.0.0.1:{port}"));
+    wait_kafka(&kafka, Duration::from_secs(90)).await;
+    let topic = topic_for(&kafka, 2).await;
+    let group = common::unique("group");
+    let id = common::unique("txn");
+    let args = exactly_once(&id);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut scorer = Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &args);
+    scorer.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
+    let sent = payments(60_000, 64);
+    let producer: rdkafka::producer::FutureProducer =
+        kafka.client_config(&common::INPUT_PRODUCER_SETTINGS).create().unwrap();
+    let publishing = tokio::spawn({
+        let (topic, records) = (topic.clone(), records(&sent));
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            for chunk in records.chunks(1_000) {
+                tick.tick().await;
+                common::publish(&producer, &topic, chunk).await;
+            }
+        }
+    });
+    scorer
+        .wait_until("10,000 outputs", Duration::from_secs(60), async |s| {
+            s.metric("fraudstream_events_out_total").await >= 10_000.0
+        })
+        .await;
+    assert!(!publishing.is_finished(), "the stream ended before the broker was killed; pace it slower");
+    broker.kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker = kafka_node(dir.path(), port, controller);
+    wait_kafka(&kafka, Duration::from_secs(90)).await;
+    publishing.await.unwrap();
+    // Give a failed transaction time to end the process, then restart it if it did.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let scorer = if scorer.alive() {
+        scorer
+    } else {
+        let status = scorer.child.wait().unwrap();
+        assert!(!status.success(), "the scorer exited 0 after the broker crash:\n{}", scorer.log());
+        Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &args)
+    };
+    read_outputs(&kafka, &format!("{topic}-out"), &sent, Duration::from_secs(40)).await;
+    scorer.stop();
+    let outputs = everything(&kafka, &format!("{topic}-out")).await;
+    drop(broker);
+    let verified = verify_outputs(&sent, &outputs, &store, "exactly-once: broker kill -9 and restart");
+    assert_eq!((verified.outputs, verified.duplicates), (sent.len(), 0), "not exactly once");
 }

@@ -47,7 +47,7 @@ impl Default for TransactionConfig {
         Self {
             id: default_transactional_id("fraudstream-scorer"),
             interval: Duration::from_millis(100),
-            max_events: 10_000,
+            max_events: 100_000,
         }
     }
 }
