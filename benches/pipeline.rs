@@ -560,7 +560,7 @@ async fn main() {
     out.push_str(&row("no-op relay (consume -> produce, same code)", &relay_rounds, relay_best));
     out.push_str(&row("scorer (decode, encode, score, produce), at least once", &scorer_rounds, scorer_best));
     out.push_str(&row(
-        "scorer, exactly once (Kafka transactions every 100 ms or 10,000 records)",
+        "scorer, exactly once (Kafka transactions every 100 ms or 100,000 records)",
         &exactly_once_rounds,
         exactly_once_best,
     ));
