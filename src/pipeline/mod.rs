@@ -156,10 +156,7 @@ impl PipelineState {
     }
 
     fn set_waiting(&self, reason: Option<String>) {
-        let mut waiting = self.waiting.lock().expect("waiting lock");
-        if *waiting != reason {
-            *waiting = reason;
-        }
+        *self.waiting.lock().expect("waiting lock") = reason;
     }
 
     /// Why the pipeline is not consuming, if it says.

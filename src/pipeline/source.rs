@@ -352,7 +352,7 @@ impl Source {
         let hooks = self.hooks();
         let payload = message.payload().unwrap_or_default();
         let ticket = loop {
-            match hooks.acks.issue(message.partition(), message.offset(), payload.len(), Instant::now() + POLL) {
+            match hooks.acks.issue(message.partition(), message.offset(), payload.len(), POLL) {
                 Some(ticket) => break ticket,
                 None if stop.is_cancelled() => return false,
                 None => {}

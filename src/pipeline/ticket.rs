@@ -92,18 +92,21 @@ impl Acks {
     }
 
     /// Issues a ticket for a read event, waiting while the in-flight budget is
-    /// spent; `None` if `until` passes first (the caller checks for shutdown
+    /// spent; `None` if `wait` passes first (the caller checks for shutdown
     /// and asks again).
     pub fn issue(
         self: &Arc<Self>,
         partition: i32,
         offset: i64,
         payload_bytes: usize,
-        until: Instant,
+        wait: Duration,
     ) -> Option<Ticket> {
         let bytes = self.weight(payload_bytes);
         let mut used = self.used.lock().expect("in-flight budget lock");
+        // The clock is read only when there is no room: not per event.
+        let mut until = None;
         while !self.fits(&used, bytes) {
+            let until = *until.get_or_insert_with(|| Instant::now() + wait);
             let left = until.checked_duration_since(Instant::now())?;
             used.waiters += 1;
             used = self.freed.wait_timeout(used, left).expect("in-flight budget lock").0;
@@ -231,8 +234,8 @@ mod tests {
         (acks, stored)
     }
 
-    fn soon() -> Instant {
-        Instant::now() + Duration::from_millis(20)
+    fn soon() -> Duration {
+        Duration::from_millis(20)
     }
 
     #[test]
@@ -258,7 +261,7 @@ mod tests {
         assert_eq!(stored.load(Ordering::SeqCst), -1, "nothing past the abandoned offset 5 is committable");
         assert!(matches!(acks.failure().get(), Some(PipelineFailure::Unacknowledged { partition: 0, offset: 5, .. })));
         assert!(acks.failure().stopped().is_cancelled());
-        assert_eq!(acks.wait_drained(None, soon()), 0, "an abandoned event is not waited for");
+        assert_eq!(acks.wait_drained(None, Instant::now() + soon()), 0, "an abandoned event is not waited for");
         assert_eq!(acks.events_in_flight(), 0, "its budget is given back");
     }
 
@@ -283,7 +286,7 @@ mod tests {
         let a = acks.issue(0, 0, 1, soon()).unwrap();
         let waiter = std::thread::spawn({
             let acks = acks.clone();
-            move || acks.issue(0, 1, 1, Instant::now() + Duration::from_secs(10)).map(|t| t.ack()).is_some()
+            move || acks.issue(0, 1, 1, Duration::from_secs(10)).map(|t| t.ack()).is_some()
         });
         std::thread::sleep(Duration::from_millis(20));
         a.ack();
