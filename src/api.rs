@@ -101,7 +101,7 @@ impl From<ScoringError> for ApiError {
 async fn ready(State(s): State<ApiState>) -> Response {
     let model = s.scoring.model();
     let partitions = s.pipeline.as_ref().map(|p| p.assigned_partitions());
-    let failure = s.pipeline.as_ref().and_then(|p| p.failure().map(ToString::to_string));
+    let failure = s.pipeline.as_ref().and_then(|p| p.failure().map(|f| f.to_string()));
     let waiting = s.pipeline.as_ref().and_then(|p| p.waiting());
     let is_ready = model.is_some() && partitions.is_none_or(|n| n > 0) && failure.is_none();
     let reason = if let Some(failure) = &failure {

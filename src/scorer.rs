@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -73,6 +74,46 @@ impl ScorerParts {
     }
 }
 
+/// Most in-process rewinds within [`REWIND_WINDOW`]; one more exits instead.
+const MAX_REWINDS: usize = 3;
+const REWIND_WINDOW: Duration = Duration::from_secs(60);
+
+/// Runs the pipeline; after an aborted transaction (a commit that raced a
+/// rebalance, a lost assignment) starts it again in-process: a fresh consumer
+/// re-reads from the last committed transaction, a fresh producer with the
+/// same transactional.id fences the old one. Rewinds that keep coming are
+/// not transient: after [`MAX_REWINDS`] within [`REWIND_WINDOW`] the failure
+/// is returned and the process exits for the orchestrator.
+async fn run_pipeline(
+    config: PipelineConfig,
+    parts: &ScorerParts,
+    shutdown: &CancellationToken,
+) -> Result<(), PipelineError> {
+    let mut rewinds: Vec<Instant> = Vec::new();
+    loop {
+        let result = crate::pipeline::run(
+            config.clone(),
+            parts.scoring.clone(),
+            parts.state.clone(),
+            parts.counters.clone(),
+            shutdown.clone(),
+        )
+        .await;
+        let failure = match &result {
+            Err(PipelineError::Failed(failure)) if failure.rewinds() && !shutdown.is_cancelled() => failure,
+            _ => return result,
+        };
+        rewinds.retain(|at| at.elapsed() < REWIND_WINDOW);
+        if rewinds.len() >= MAX_REWINDS {
+            tracing::error!(rewinds = rewinds.len() + 1, "rewinding again and again; exiting for the orchestrator");
+            return result;
+        }
+        rewinds.push(Instant::now());
+        metrics::counter!(crate::telemetry::metric::REWINDS).increment(1);
+        tracing::warn!(error = %failure, "rewinding to the last committed transaction");
+    }
+}
+
 /// Runs the scorer until `shutdown` is cancelled or its pipeline fails; then
 /// drains, commits and returns (the failure, for a non-zero exit).
 pub async fn run(config: ScorerConfig, parts: ScorerParts, shutdown: CancellationToken) -> Result<(), ScorerError> {
@@ -110,8 +151,7 @@ pub async fn run(config: ScorerConfig, parts: ScorerParts, shutdown: Cancellatio
         }
     }
     let watch = tokio::spawn(watcher.watch(shutdown.clone()));
-    let result =
-        crate::pipeline::run(config.pipeline, parts.scoring, parts.state, parts.counters, shutdown.clone()).await;
+    let result = run_pipeline(config.pipeline, &parts, &shutdown).await;
     shutdown.cancel();
     let _ = watch.await;
     if let Some(http) = http {

@@ -44,6 +44,8 @@ pub mod metric {
     pub const TRANSACTIONS: &str = "fraudstream_transactions_total";
     /// Histogram, seconds: closing one exactly-once transaction (flush, offsets, commit).
     pub const TRANSACTION_COMMIT_SECONDS: &str = "fraudstream_transaction_commit_seconds";
+    /// Counter: exactly-once pipelines restarted in-process from the last committed transaction after an abort.
+    pub const REWINDS: &str = "fraudstream_rewinds_total";
     /// Counter: revokes or shutdowns whose drain ran out of time (their events are re-delivered).
     pub const DRAIN_TIMEOUTS: &str = "fraudstream_drain_timeouts_total";
     /// Counter: REST requests refused with 429 because the REST concurrency limit was reached.

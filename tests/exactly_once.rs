@@ -15,17 +15,10 @@ use fraudstream::Payment;
 use harness::{payments, read_outputs, records, verify_outputs, Scorer, Setup, CODEC};
 use rdkafka::message::OwnedMessage;
 
-/// A member that stopped on a transaction failure is restarted, as an
-/// orchestrator would; any other exit fails the test.
-fn revive(scorer: &mut Scorer, spawn: impl FnOnce() -> Scorer) {
-    if scorer.alive() {
-        return;
-    }
-    let status = scorer.child.wait().unwrap();
-    let log = scorer.log();
-    assert!(!status.success() && log.contains("exactly-once:"), "the scorer exited ({status}):\n{log}");
-    eprintln!("restarting a member stopped by: {}", log.lines().find(|l| l.contains("exactly-once:")).unwrap_or(""));
-    *scorer = spawn();
+/// A member must never exit: a commit that races a rebalance aborts and
+/// rewinds in-process.
+fn assert_alive(scorer: &mut Scorer) {
+    assert!(scorer.alive(), "the scorer exited:\n{}", scorer.log());
 }
 
 fn exactly_once(id: &str) -> [String; 6] {
@@ -77,8 +70,6 @@ async fn a_crashed_member_costs_no_duplicate() {
     let (backlog, live) = sent.split_at(40_000);
     common::publish(&common::input_producer(), &topic, &records(backlog)).await;
     let mut a = Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &args_a);
-    // 12 s of live traffic: a member restarted after a commit raced the
-    // rebalance still finds the stream running.
     let publishing = common::publish_paced(&topic, records(live), 5_000);
     a.wait_until("outputs from the first member", Duration::from_secs(60), async |s| {
         s.metric("fraudstream_events_out_total").await >= 2_000.0
@@ -88,8 +79,8 @@ async fn a_crashed_member_costs_no_duplicate() {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while b.assigned_partitions().await != Some(2) {
         // A commit that races the rebalance (ILLEGAL_GENERATION) aborts and
-        // stops the member (fail closed); the orchestrator restarts it.
-        revive(&mut a, || Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &args_a));
+        // rewinds in-process.
+        assert_alive(&mut a);
         assert!(std::time::Instant::now() < deadline, "the new member never owned 2 partitions:\n{}", b.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -102,11 +93,57 @@ async fn a_crashed_member_costs_no_duplicate() {
     publishing.await.unwrap();
     // The crashed member's open transaction is aborted by the broker after
     // transaction.timeout.ms (10 s); until then read_committed readers wait.
-    revive(&mut b, || Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &args_b));
+    assert_alive(&mut b);
     read_outputs(&kafka, &format!("{topic}-out"), &sent, Duration::from_secs(40)).await;
     b.stop();
     let outputs = everything(&kafka, &format!("{topic}-out")).await;
     let verified = verify_outputs(&sent, &outputs, &store, "exactly-once: a member crashes");
+    assert_eq!((verified.outputs, verified.duplicates), (sent.len(), 0), "not exactly once");
+}
+
+/// A member frozen (SIGSTOP) past its session timeout loses its partitions
+/// to the other member; thawed, it finds its assignment lost, aborts its
+/// open transaction and rewinds in-process (it does not exit), rejoins, and
+/// every payment still has exactly one output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_lost_its_partitions_rewinds_in_process() {
+    let Setup { dir, kafka, store, store_url, topic, group } = Setup::new(4).await;
+    let (id_a, id_b) = (common::unique("txn-a"), common::unique("txn-b"));
+    let (args_a, args_b) = (exactly_once(&id_a), exactly_once(&id_b));
+    let args_a: Vec<&str> = args_a.iter().map(String::as_str).collect();
+    let args_b: Vec<&str> = args_b.iter().map(String::as_str).collect();
+    let sent = payments(120_000, 65);
+    let mut a = Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &args_a);
+    let mut b = Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &args_b);
+    for s in [&mut a, &mut b] {
+        s.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
+    }
+    // 24 s of traffic, the freeze in the middle of it.
+    let publishing = common::publish_paced(&topic, records(&sent), 5_000);
+    a.wait_until("outputs from the member to freeze", Duration::from_secs(60), async |s| {
+        s.metric("fraudstream_events_out_total").await >= 5_000.0
+    })
+    .await;
+    a.freeze(true);
+    b.wait_until("the other member to own all 4 partitions", Duration::from_secs(60), async |s| {
+        s.assigned_partitions().await == Some(4)
+    })
+    .await;
+    a.freeze(false);
+    a.wait_until("the thawed member to rewind and own partitions again", Duration::from_secs(60), async |s| {
+        s.metric("fraudstream_rewinds_total").await >= 1.0 && s.assigned_partitions().await.is_some_and(|n| n > 0)
+    })
+    .await;
+    assert!(!publishing.is_finished(), "the stream ended before the member rejoined; pace it slower");
+    publishing.await.unwrap();
+    read_outputs(&kafka, &format!("{topic}-out"), &sent, Duration::from_secs(40)).await;
+    assert_alive(&mut a);
+    assert_alive(&mut b);
+    assert!(a.log().contains("rewinding to the last committed transaction"), "{}", a.log());
+    a.stop();
+    b.stop();
+    let outputs = everything(&kafka, &format!("{topic}-out")).await;
+    let verified = verify_outputs(&sent, &outputs, &store, "exactly-once: a frozen member rewinds");
     assert_eq!((verified.outputs, verified.duplicates), (sent.len(), 0), "not exactly once");
 }
 

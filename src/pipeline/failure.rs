@@ -45,9 +45,13 @@ pub enum PipelineFailure {
     #[error("the input consumer hit a fatal error: {reason}")]
     ConsumerFatal { reason: String },
     #[error(
-        "exactly-once: {step} failed: {reason}{}; the scorer stops and its restart re-reads from the last \
-         committed transaction (a fenced producer means another scorer took this transactional.id)",
-        if *aborted { " (the open transaction was aborted)" } else { "" }
+        "exactly-once: {step} failed: {reason}{}",
+        if *aborted {
+            "; the open transaction was aborted, so the scorer rewinds to the last committed transaction"
+        } else {
+            "; the scorer stops and its restart re-reads from the last committed transaction (a fenced \
+             producer means another scorer took this transactional.id)"
+        }
     )]
     Transaction { step: &'static str, aborted: bool, reason: String },
     #[error(
@@ -65,6 +69,16 @@ pub enum PipelineFailure {
 }
 
 impl PipelineFailure {
+    /// Whether the scorer may start the pipeline again in-process: the open
+    /// transaction was aborted, so nothing past the last committed one is
+    /// visible to read_committed readers or committed as input offsets, and
+    /// a fresh consumer and producer re-read from there. Anything else (a
+    /// fenced or fatal producer, a broken model, bad input over the limit)
+    /// needs the process to exit.
+    pub fn rewinds(&self) -> bool {
+        matches!(self, Self::Transaction { aborted: true, .. })
+    }
+
     /// A short label for the metric.
     pub fn kind(&self) -> &'static str {
         match self {

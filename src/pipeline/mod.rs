@@ -133,7 +133,8 @@ pub struct PipelineState {
     assigned: Mutex<HashSet<(String, i32)>>,
     /// Why nothing is being consumed although the pipeline runs (e.g. no input topic yet).
     waiting: Mutex<Option<String>>,
-    failure: Arc<Failure>,
+    /// The current run's failure record (a rewind starts a fresh one).
+    failure: Mutex<Arc<Failure>>,
     delivery: std::sync::OnceLock<Delivery>,
 }
 
@@ -170,8 +171,15 @@ impl PipelineState {
     }
 
     /// The failure that stopped the pipeline, if one did.
-    pub fn failure(&self) -> Option<&PipelineFailure> {
-        self.failure.get()
+    pub fn failure(&self) -> Option<PipelineFailure> {
+        self.failure.lock().expect("failure lock").get().cloned()
+    }
+
+    /// A fresh failure record for a new run of the pipeline.
+    fn begin_run(&self) -> Arc<Failure> {
+        let fresh = Arc::new(Failure::default());
+        *self.failure.lock().expect("failure lock") = fresh.clone();
+        fresh
     }
 }
 
@@ -229,7 +237,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
     let kafka_err = |source| PipelineError::Kafka { brokers: config.kafka.brokers.clone(), source };
-    let failure = state.failure.clone();
+    let failure = state.begin_run();
     let _ = state.delivery.set(config.delivery);
     let limits = InFlightLimits { events: config.max_in_flight.max(1), bytes: config.max_in_flight_bytes.max(1) };
     let acks = Arc::new(Acks::new(&config.input_topic, limits, failure.clone()));

@@ -231,6 +231,12 @@ impl Sink {
         }
     }
 
+    /// Exactly-once: aborts the open transaction; whether that succeeded
+    /// (false at least once).
+    pub fn abort_transaction(&self) -> bool {
+        self.transactions.as_ref().is_some_and(|t| t.abort(&self.producer))
+    }
+
     pub fn output_topic(&self) -> &str {
         &self.output_topic
     }

@@ -138,30 +138,31 @@ impl ConsumerContext for SourceHooks {
         let revoked: Vec<(String, i32)> =
             list.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         metrics::counter!(metric::REBALANCES, "kind" => "revoke").increment(1);
-        // Drain: pass on the held events, wait until every event of the
-        // revoked partitions is acknowledged, then commit.
-        self.intake.flush();
-        let own = Instant::now() + self.drain_timeout;
-        let deadline = match *self.phase.lock().expect("phase lock") {
-            Phase::Consuming => own,
-            Phase::Draining { deadline } => deadline.min(own),
-            Phase::Done => Instant::now(),
-        };
-        let left = self.acks.wait_drained(Some(&revoked), deadline);
-        if left > 0 {
-            metrics::counter!(metric::DRAIN_TIMEOUTS).increment(1);
-            self.counters.drain_timeouts.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(left, "revoke: drain timed out; those events will be re-delivered to the next owner");
-        }
         if self.sink.transactions().is_some() && consumer.assignment_lost() {
             // Another member may already own these partitions: committing our
-            // outputs for them could duplicate theirs. Stop; the restart rewinds.
+            // outputs for them could duplicate theirs, and waiting for them is
+            // pointless. Abort at once; the scorer rewinds.
             self.acks.failure().fail(PipelineFailure::Transaction {
                 step: "revoke",
-                aborted: false,
+                aborted: self.sink.abort_transaction(),
                 reason: "the assignment was lost (session timed out?)".into(),
             });
         } else {
+            // Drain: pass on the held events, wait until every event of the
+            // revoked partitions is acknowledged, then commit.
+            self.intake.flush();
+            let own = Instant::now() + self.drain_timeout;
+            let deadline = match *self.phase.lock().expect("phase lock") {
+                Phase::Consuming => own,
+                Phase::Draining { deadline } => deadline.min(own),
+                Phase::Done => Instant::now(),
+            };
+            let left = self.acks.wait_drained(Some(&revoked), deadline);
+            if left > 0 {
+                metrics::counter!(metric::DRAIN_TIMEOUTS).increment(1);
+                self.counters.drain_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(left, "revoke: drain timed out; those events will be re-delivered to the next owner");
+            }
             self.commit(consumer, "revoke");
         }
         self.acks.tracker().forget(&revoked);

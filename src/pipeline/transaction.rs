@@ -11,8 +11,11 @@
 //! see each output once; a crash aborts the open transaction (the next
 //! instance with the same `transactional.id` fences it), and the input is
 //! re-read from the last committed positions. Any transaction error stops the
-//! pipeline (fail closed): an abortable one is aborted first, and the restart
-//! is the rewind.
+//! pipeline (fail closed). An abortable one (a commit that raced a
+//! rebalance), or a lost assignment, is aborted first, and the scorer then
+//! rewinds in-process: a fresh consumer re-reads from the committed offsets
+//! and a fresh producer fences this one (`scorer::run_pipeline`). A fenced or
+//! fatal one ends the process.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
@@ -125,10 +128,19 @@ impl Transactions {
         let _one = self.committing.lock().expect("transaction commit lock");
         let _closed = self.gate.write().expect("transaction gate");
         let started = std::time::Instant::now();
+        if self.sent.load(Ordering::Relaxed) == 0 {
+            // Nothing sent, so no position moved: an idle scorer commits nothing.
+            return Ok(());
+        }
         let fail = |step: &'static str, source: KafkaError| transaction_failure(producer, step, source);
-        producer.flush(CALL_TIMEOUT).map_err(|e| fail("flush", e))?;
+        // Every record sent is acknowledged and its delivery report served.
+        // Not `producer.flush()`: with a ThreadedProducer its poll between
+        // checks waits the full 100 ms (the polling thread takes the reports).
         let deadline = std::time::Instant::now() + CALL_TIMEOUT;
-        while self.settled.load(Ordering::Acquire) < self.sent.load(Ordering::Relaxed) {
+        let settled = || {
+            producer.in_flight_count() == 0 && self.settled.load(Ordering::Acquire) >= self.sent.load(Ordering::Relaxed)
+        };
+        while !settled() {
             if std::time::Instant::now() >= deadline {
                 return Err(PipelineFailure::Transaction {
                     step: "flush",
@@ -165,6 +177,20 @@ impl Transactions {
         metrics::histogram!(crate::telemetry::metric::TRANSACTION_COMMIT_SECONDS)
             .record(started.elapsed().as_secs_f64());
         producer.begin_transaction().map_err(|e| fail("begin_transaction", e))
+    }
+}
+
+impl Transactions {
+    /// Aborts the open transaction (its records and offsets are discarded);
+    /// whether that succeeded.
+    pub fn abort(&self, producer: &ThreadedProducer<super::sink::SinkHooks>) -> bool {
+        let _one = self.committing.lock().expect("transaction commit lock");
+        let _closed = self.gate.write().expect("transaction gate");
+        let aborted = producer.abort_transaction(CALL_TIMEOUT).is_ok();
+        if aborted {
+            metrics::counter!(crate::telemetry::metric::TRANSACTIONS, "outcome" => "aborted").increment(1);
+        }
+        aborted
     }
 }
 

@@ -71,6 +71,14 @@ impl Scorer {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a process frozen, as by a long
+    /// GC pause or a stalled VM, then thawed.
+    pub fn freeze(&self, stop: bool) {
+        let signal = if stop { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success(), "kill {signal} the scorer");
+    }
+
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
