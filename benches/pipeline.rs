@@ -69,6 +69,8 @@ enum Pipeline {
     Scorer,
     /// The scorer with `--delivery exactly-once`.
     ExactlyOnce,
+    /// The scorer with `--reasons false`: decisions, no reason codes.
+    NoReasons,
 }
 
 impl Pipeline {
@@ -77,6 +79,7 @@ impl Pipeline {
             Pipeline::Relay => "relay",
             Pipeline::Scorer => "scorer",
             Pipeline::ExactlyOnce => "exactly-once",
+            Pipeline::NoReasons => "no-reasons",
         }
     }
 
@@ -120,6 +123,7 @@ fn scorer_config(
             ..WatchConfig::default()
         },
         http_addr: None,
+        reasons: pipeline != Pipeline::NoReasons,
         ..ScorerConfig::default()
     }
 }
@@ -329,36 +333,62 @@ async fn live_max(kafka: &KafkaArgs, store: &str, cache: &std::path::Path, n: u6
 
 /// Publishes at `rate` for `seconds` while a scorer runs; returns latency
 /// percentiles (ms) from event time to scored, read from the outputs.
-async fn latency_at(kafka: &KafkaArgs, store: &str, cache: &std::path::Path, rate: f64, seconds: f64) -> (f64, f64) {
+/// Latency at `rate` events/s for `seconds`: (p50, p99) from event time to
+/// `scoredAt`, and (p50, p99) from event time to the moment a reader with
+/// `isolation.level=read_committed`, subscribed before the first event,
+/// receives the output (what a downstream system waits; exactly once, that
+/// includes the wait for the transaction's commit).
+async fn latency_at(
+    kafka: &KafkaArgs,
+    store: &str,
+    cache: &std::path::Path,
+    rate: f64,
+    seconds: f64,
+) -> ((f64, f64), (f64, f64)) {
     let scorer = LiveScorer::start(kafka, store, cache).await;
     let n = (rate * seconds) as u64;
-    scorer.publish_and_wait(kafka, n, Some(rate)).await;
-    let output = scorer.output.clone();
-    scorer.stop().await;
     let consumer: StreamConsumer = kafka
         .client_config(&[
             ("group.id", &unique("lat-read")),
             ("auto.offset.reset", "earliest"),
             ("enable.auto.commit", "false"),
+            ("isolation.level", "read_committed"),
+            ("fetch.wait.max.ms", "5"),
         ])
         .create()
         .unwrap();
-    consumer.subscribe(&[&output]).unwrap();
-    let mut latencies = Vec::with_capacity(n as usize);
-    let mut seen = 0u64;
-    let mut stream = consumer.stream();
-    while seen < n {
-        let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await else { break };
-        let s = CODEC.decode_scored(m.payload().unwrap()).unwrap();
-        seen += 1;
-        // Skip the first 2 s of traffic: connection set-up and the first fetches are warm-up.
-        let index: f64 = s.payment.payment_id.rsplit('-').next().unwrap().parse().unwrap();
-        if index >= rate * 2.0 {
-            latencies.push((s.scored_at - s.payment.event_time) as f64);
-        }
+    // Assigned, not subscribed: no group join to wait for (up to 3 s on Kafka).
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for partition in 0..4 {
+        partitions.add_partition_offset(&scorer.output, partition, rdkafka::Offset::Beginning).unwrap();
     }
-    latencies.sort_by(f64::total_cmp);
-    (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
+    consumer.assign(&partitions).unwrap();
+    drop(partitions);
+    let reader = tokio::spawn(async move {
+        let (mut scored, mut readable) = (Vec::with_capacity(n as usize), Vec::with_capacity(n as usize));
+        let mut seen = 0u64;
+        let mut stream = consumer.stream();
+        while seen < n {
+            let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(30), stream.next()).await else { break };
+            let received = fraudstream::payment::now_ms();
+            let s = CODEC.decode_scored(m.payload().unwrap()).unwrap();
+            seen += 1;
+            // Skip the first 2 s of traffic: connection set-up and the first fetches are warm-up.
+            let index: f64 = s.payment.payment_id.rsplit('-').next().unwrap().parse().unwrap();
+            if index >= rate * 2.0 {
+                scored.push((s.scored_at - s.payment.event_time) as f64);
+                readable.push((received - s.payment.event_time) as f64);
+            }
+        }
+        (scored, readable)
+    });
+    scorer.publish_and_wait(kafka, n, Some(rate)).await;
+    let (mut scored, mut readable) = reader.await.unwrap();
+    scorer.stop().await;
+    scored.sort_by(f64::total_cmp);
+    readable.sort_by(f64::total_cmp);
+    let p = |v: &[f64]| (percentile(v, 0.5), percentile(v, 0.99));
+    (p(&scored), p(&readable))
 }
 
 /// Trains on the full-size simulated set and publishes to `store`.
@@ -371,6 +401,7 @@ async fn train(store: &str) -> fraudstream::training::RunOutcome {
         target_precision: None,
         force: false,
         train: TrainConfig::default(),
+        ..TrainerOptions::default()
     })
     .await
     .unwrap()
@@ -406,11 +437,11 @@ async fn main() {
         match phase.as_str() {
             // The rate the machine sustains live, generator and scorer side by side.
             "live-max" => println!("{:.0}", live_max(&kafka, &store, &cache, events).await),
-            // p50 and p99 (ms) at BENCH_RATE events/s for 12 s.
+            // p50 and p99 (ms) at BENCH_RATE events/s for 12 s: to scored, then to readable.
             "latency" => {
                 let rate = env_u64("BENCH_RATE", 10_000) as f64;
-                let (p50, p99) = latency_at(&kafka, &store, &cache, rate, 12.0).await;
-                println!("{p50:.1} {p99:.1}");
+                let ((p50, p99), (r50, r99)) = latency_at(&kafka, &store, &cache, rate, 12.0).await;
+                println!("{p50:.1} {p99:.1} {r50:.1} {r99:.1}");
             }
             other => panic!("BENCH_PHASE is throughput, live-max or latency, not {other:?}"),
         }
@@ -431,8 +462,9 @@ async fn main() {
     let options = PublishOptions { topic: input.clone(), codec: CODEC, rate: None, stamp_event_time: true };
     publish_payments(&producer, &options, Simulator::new(events, 7), |_| {}).await.unwrap();
     let (mut relay_rounds, mut scorer_rounds, mut exactly_once_rounds) = (Vec::new(), Vec::new(), Vec::new());
+    let mut no_reasons_rounds = Vec::new();
     for round in 0..3 {
-        for pipeline in [Pipeline::Relay, Pipeline::Scorer, Pipeline::ExactlyOnce] {
+        for pipeline in [Pipeline::Relay, Pipeline::Scorer, Pipeline::ExactlyOnce, Pipeline::NoReasons] {
             if std::env::var("BENCH_PIPELINE").is_ok_and(|p| p != pipeline.name()) {
                 continue;
             }
@@ -449,12 +481,14 @@ async fn main() {
                 Pipeline::Relay => relay_rounds.push(drain),
                 Pipeline::Scorer => scorer_rounds.push(drain),
                 Pipeline::ExactlyOnce => exactly_once_rounds.push(drain),
+                Pipeline::NoReasons => no_reasons_rounds.push(drain),
             }
         }
     }
     let best = |rounds: &[Drain]| rounds.iter().map(|d| d.rate).fold(f64::NAN, f64::max);
     let (relay_best, scorer_best, exactly_once_best) =
         (best(&relay_rounds), best(&scorer_rounds), best(&exactly_once_rounds));
+    let no_reasons_best = best(&no_reasons_rounds);
     // Tuning aid: BENCH_THROUGHPUT_ONLY=1 stops after the throughput rounds.
     if std::env::var("BENCH_THROUGHPUT_ONLY").is_ok() {
         println!("relay {relay_best:.0} events/s, scorer {scorer_best:.0} events/s");
@@ -524,6 +558,8 @@ async fn main() {
             model_name: "payfraud".into(),
             model_version: "1700000000".into(),
             scored_at: 0,
+            decision: None,
+            reasons: Vec::new(),
         })
         .collect();
     let per_event_us = |f: &mut dyn FnMut(usize)| {
@@ -544,6 +580,7 @@ async fn main() {
         format!("**{:.2}** ({scorer_best:.0} vs {relay_best:.0} events/s)", scorer_best / relay_best),
         format!("**{:.0}x** ({scorer_best:.0} vs {http_rate:.0} events/s)", scorer_best / http_rate),
         format!("**{:.2}** ({exactly_once_best:.0} vs {scorer_best:.0} events/s)", exactly_once_best / scorer_best),
+        format!("**{:.2}** ({scorer_best:.0} vs {no_reasons_best:.0} events/s)", scorer_best / no_reasons_best),
     ];
     if let Some(path) = headline_file {
         std::fs::write(path, headline.join("\n") + "\n").unwrap();
@@ -558,7 +595,12 @@ async fn main() {
         )
     };
     out.push_str(&row("no-op relay (consume -> produce, same code)", &relay_rounds, relay_best));
-    out.push_str(&row("scorer (decode, encode, score, produce), at least once", &scorer_rounds, scorer_best));
+    out.push_str(&row(
+        "scorer (decode, encode, score, decide, explain review/block, produce), at least once",
+        &scorer_rounds,
+        scorer_best,
+    ));
+    out.push_str(&row("scorer without reason codes (`--reasons false`)", &no_reasons_rounds, no_reasons_best));
     out.push_str(&row(
         "scorer, exactly once (Kafka transactions every 100 ms or 100,000 records)",
         &exactly_once_rounds,

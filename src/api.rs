@@ -11,8 +11,8 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use crate::features::FEATURE_WIDTH;
 use crate::payment::{now_ms, Payment, ScoredPayment};
 use crate::pipeline::PipelineState;
-use crate::scoring::{ScoringError, ScoringService};
+use crate::scoring::{Explain, ScoringError, ScoringService};
 use crate::telemetry::metric;
 
 /// What the HTTP handlers share.
@@ -135,6 +135,8 @@ enum Action<'a> {
     Predict,
     /// `:score`, raw payments in, `ScoredPayment`s out.
     Score,
+    /// `:explain`, KServe v1's: raw payments in, scores and every payment's reasons out.
+    Explain,
     /// Another `:verb`.
     Unknown(&'a str),
 }
@@ -148,6 +150,7 @@ impl Action<'_> {
             Action::Metadata => "metadata",
             Action::Predict => "predict",
             Action::Score => "score",
+            Action::Explain => "explain",
         }
     }
 }
@@ -181,6 +184,7 @@ fn parse_path(rest: &str) -> Option<ModelPath<'_>> {
         (false, None) => Action::Status,
         (false, Some("predict")) => Action::Predict,
         (false, Some("score")) => Action::Score,
+        (false, Some("explain")) => Action::Explain,
         (false, Some(other)) => Action::Unknown(other),
     };
     Some(ModelPath { name, version, action })
@@ -217,9 +221,9 @@ async fn model_get(State(s): State<ApiState>, Path(rest): Path<String>) -> Respo
             Action::Status => Ok((path.action.endpoint(), Json(status_body(model.as_deref())))),
             Action::Metadata => {
                 let model = model.ok_or(ScoringError::NoModel)?;
-                Ok((path.action.endpoint(), Json(metadata_body(&s.model_name, &model.version))))
+                Ok((path.action.endpoint(), Json(metadata_body(&s.model_name, &model))))
             }
-            Action::Predict | Action::Score | Action::Unknown(_) => {
+            Action::Predict | Action::Score | Action::Explain | Action::Unknown(_) => {
                 let verb = rest.rsplit_once(':').map_or("", |(_, verb)| verb);
                 Err(ApiError(StatusCode::METHOD_NOT_ALLOWED, format!("use POST for :{verb}")))
             }
@@ -250,12 +254,24 @@ fn status_body(model: Option<&crate::scoring::ModelInfo>) -> Value {
 }
 
 /// The original demo's signature, as TensorFlow Serving describes it
-/// (note the doubled `signature_def` key, as TF Serving writes it).
-fn metadata_body(name: &str, version: &str) -> Value {
+/// (note the doubled `signature_def` key, as TF Serving writes it), and
+/// beside it the feature spec: what each of the 28 inputs means for this
+/// version, for clients that encode payments themselves.
+fn metadata_body(name: &str, model: &crate::scoring::ModelInfo) -> Value {
     let dim = |size: &str| json!({ "size": size, "name": "" });
+    let spec = &model.feature_spec;
     json!({
-        "model_spec": { "name": name, "signature_name": "", "version": version },
-        "metadata": { "signature_def": { "signature_def": { "serving_default": {
+        "model_spec": { "name": name, "signature_name": "", "version": model.version },
+        "metadata": {
+          "feature_spec": {
+            "features": spec.feature_names(),
+            "amount_min": spec.amount_min,
+            "amount_max": spec.amount_max,
+            "amount_clip": spec.amount_clip,
+            "amount_scaled": "(amount - amount_min) / (amount_max - amount_min), at most 1 when amount_clip",
+          },
+          "decision_bands": { "review": model.bands.review.threshold, "block": model.bands.block.threshold },
+          "signature_def": { "signature_def": { "serving_default": {
             "inputs": { "payments": {
                 "dtype": "DT_FLOAT",
                 "tensor_shape": { "dim": [dim("-1"), dim(&FEATURE_WIDTH.to_string())], "unknown_rank": false },
@@ -271,9 +287,18 @@ fn metadata_body(name: &str, version: &str) -> Value {
     })
 }
 
+/// Query parameters of `POST /v1/models/...`.
+#[derive(Debug, Default, Deserialize)]
+struct PostParams {
+    /// `:score?explain=true`: reasons for every payment, not only those at or above review.
+    #[serde(default)]
+    explain: bool,
+}
+
 async fn model_post(
     State(s): State<ApiState>,
     Path(rest): Path<String>,
+    params: Result<Query<PostParams>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let path = parse_path(&rest);
@@ -291,12 +316,20 @@ async fn model_post(
                 "too many scoring requests at once (--max-rest-concurrency); retry shortly".into(),
             )
         })?;
+        let Query(params) = params.map_err(|e| bad_request(format!("query string: {}", e.body_text())))?;
+        let explain = if params.explain { Explain::All } else { Explain::AtReview };
         match path.action {
             Action::Predict => predict(&s, &path, &body).await,
-            Action::Score => score(&s, &path, &body).await,
+            Action::Score => Ok(json!({ "predictions": score(&s, &path, &body, explain).await? })),
+            Action::Explain => {
+                let explanations = score(&s, &path, &body, Explain::All).await?;
+                let predictions: Vec<[f64; 2]> =
+                    explanations.iter().map(|e| [1.0 - e.fraud_probability, e.fraud_probability]).collect();
+                Ok(json!({ "predictions": predictions, "explanations": explanations }))
+            }
             Action::Status | Action::Metadata | Action::Unknown(_) => Err(ApiError(
                 StatusCode::NOT_FOUND,
-                format!("no such endpoint: POST /v1/models/{rest}; use :predict or :score"),
+                format!("no such endpoint: POST /v1/models/{rest}; use :predict, :score or :explain"),
             )),
         }
     }
@@ -417,7 +450,8 @@ struct ScoreInput {
     amount: f64,
 }
 
-async fn score(s: &ApiState, path: &ModelPath<'_>, body: &[u8]) -> Result<Value, ApiError> {
+/// Scores the payments of a `:score` or `:explain` body.
+async fn score(s: &ApiState, path: &ModelPath<'_>, body: &[u8], explain: Explain) -> Result<Vec<ScoredPayment>, ApiError> {
     #[derive(Deserialize)]
     struct ScoreRequest {
         instances: Vec<Value>,
@@ -441,16 +475,17 @@ async fn score(s: &ApiState, path: &ModelPath<'_>, body: &[u8]) -> Result<Value,
             fraud: None,
         });
     }
-    let batch = s.scoring.score_payments(payments).await?;
+    let batch = s.scoring.score_payments(payments, explain).await?;
     check_version(path, &batch.model.version)?;
     let scored_at = now_ms();
     let mut predictions: Vec<ScoredPayment> = Vec::with_capacity(batch.payments.len());
-    for (i, (payment, result)) in batch.payments.into_iter().zip(batch.results).enumerate() {
+    let rows = batch.payments.into_iter().zip(batch.results).zip(batch.reasons);
+    for (i, ((payment, result), reasons)) in rows.enumerate() {
         let [_, p] = result.map_err(|e| bad_request(format!("instances[{i}]: {e}")))?;
-        predictions.push(batch.model.verdict(payment, p, scored_at));
+        predictions.push(batch.model.verdict(payment, p, reasons, scored_at));
     }
     metrics::counter!(metric::HTTP_ROWS_SCORED).increment(predictions.len() as u64);
-    Ok(json!({ "predictions": predictions }))
+    Ok(predictions)
 }
 
 #[cfg(test)]

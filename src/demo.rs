@@ -70,6 +70,11 @@ pub struct DemoSummary {
     pub frauds: u64,
     pub frauds_caught: u64,
     pub false_alarms: u64,
+    /// Payments per decision (allow, review, block), and the frauds among them.
+    pub decisions: [u64; 3],
+    pub decision_frauds: [u64; 3],
+    /// The highest-scored payment's decision and reasons, as an example.
+    pub example: Option<crate::ScoredPayment>,
 }
 
 impl std::fmt::Display for DemoSummary {
@@ -97,7 +102,27 @@ impl std::fmt::Display for DemoSummary {
             100.0 * self.frauds_caught as f64 / self.frauds.max(1) as f64,
             self.false_alarms,
             100.0 * self.false_alarms as f64 / (self.scored.saturating_sub(self.frauds)).max(1) as f64
-        )
+        )?;
+        for (i, name) in ["allow", "review", "block"].iter().enumerate() {
+            write!(
+                f,
+                "\n{name:>6}: {:>7} payments, {:>5} of them fraud",
+                self.decisions[i], self.decision_frauds[i]
+            )?;
+        }
+        if let Some(example) = &self.example {
+            let reasons: Vec<String> =
+                example.reasons.iter().map(|r| format!("{}={} {:+.3}", r.feature, r.value, r.contribution)).collect();
+            write!(
+                f,
+                "\nhighest score: payment {} P(fraud) {:.3} -> {}; reasons: {}",
+                example.payment.payment_id,
+                example.fraud_probability,
+                example.decision.map_or("none", |d| d.as_str()),
+                reasons.join(", ")
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -167,6 +192,7 @@ pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
         target_precision: None,
         force: false,
         train: TrainConfig { seed: config.seed, ..TrainConfig::default() },
+        ..TrainerOptions::default()
     })
     .await
     .map_err(|e| DemoError { step: "training", source: e.into() })?;
@@ -298,6 +324,13 @@ pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
         summary.frauds += u64::from(fraud);
         summary.frauds_caught += u64::from(fraud && scored.is_fraud);
         summary.false_alarms += u64::from(!fraud && scored.is_fraud);
+        if let Some(decision) = scored.decision {
+            summary.decisions[decision as usize] += 1;
+            summary.decision_frauds[decision as usize] += u64::from(fraud);
+        }
+        if summary.example.as_ref().is_none_or(|e| scored.fraud_probability > e.fraud_probability) {
+            summary.example = Some(scored);
+        }
     }
     drop(stream);
     summary.scored = seen.len() as u64;

@@ -6,6 +6,15 @@
 //! 4 gender one-hots ('E','F','M','U')]`, with
 //! `amount_scaled = (amount - amount_min) / (amount_max - amount_min)`.
 //! The `FeatureSpec` travels inside each model's manifest.
+//!
+//! The amount range is fixed by default to the original demo's, 0 to
+//! 8,329.96 (`FeatureSpec::demo`; larger amounts clip to 1), so feature 0
+//! means the same in every version and clients that pre-encode features the
+//! way the original demo does stay right across hot swaps. A trainer run with
+//! `--amount-scale fit` scales by its training data's range instead (no clip).
+//!
+//! Features come in groups (`FeatureGroup`): the amount, and each one-hot
+//! block. Reason codes are given per group.
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +46,9 @@ pub const AGES: [&str; 8] = ["0", "1", "2", "3", "4", "5", "6", "U"];
 /// Genders in one-hot order.
 pub const GENDERS: [&str; 4] = ["E", "F", "M", "U"];
 
+/// The original demo's amount range: its largest BankSim amount.
+pub const DEMO_AMOUNT_MAX: f64 = 8329.96;
+
 /// What a model was trained with: vocabularies and the amount range.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FeatureSpec {
@@ -45,13 +57,112 @@ pub struct FeatureSpec {
     pub genders: Vec<String>,
     pub amount_min: f64,
     pub amount_max: f64,
+    /// Whether amounts above `amount_max` encode as 1 (the fixed scale) or
+    /// beyond it (a range fitted to training data; manifests before the
+    /// fixed scale have no such field and did not clip).
+    #[serde(default)]
+    pub amount_clip: bool,
+}
+
+/// How the trainer sets the amount range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmountScale {
+    /// The original demo's range, 0 to 8,329.96; larger amounts clip to 1.
+    Fixed,
+    /// The training data's range (no clip): feature 0 means something else in every version.
+    Fit,
+}
+
+impl crate::choice::Choice for AmountScale {
+    const CHOICES: &'static [(Self, &'static str, &'static str)] = &[
+        (Self::Fixed, "fixed", "0 to 8329.96, as the original demo; larger amounts clip to 1"),
+        (Self::Fit, "fit", "the training data's min and max (feature 0 changes meaning between versions)"),
+    ];
+}
+
+/// A block of features that together describe one attribute of a payment:
+/// what reason codes are given for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureGroup {
+    Amount,
+    Category,
+    Age,
+    Gender,
+}
+
+impl FeatureGroup {
+    /// Every group, in feature order.
+    pub const ALL: [FeatureGroup; 4] = [Self::Amount, Self::Category, Self::Age, Self::Gender];
+
+    /// The name reasons carry.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Amount => "amount",
+            Self::Category => "category",
+            Self::Age => "age",
+            Self::Gender => "gender",
+        }
+    }
+
+    /// The payment's value of this group, as reasons show it.
+    pub fn value(self, payment: &Payment) -> String {
+        match self {
+            Self::Amount => format!("{:.2}", payment.amount),
+            Self::Category => payment.category.clone(),
+            Self::Age => payment.age.clone(),
+            Self::Gender => payment.gender.clone(),
+        }
+    }
 }
 
 impl FeatureSpec {
-    /// The BankSim vocabularies with the given amount range.
+    /// The BankSim vocabularies with the given amount range (not clipped).
     pub fn banksim(amount_min: f64, amount_max: f64) -> Self {
         let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
-        Self { categories: owned(&CATEGORIES), ages: owned(&AGES), genders: owned(&GENDERS), amount_min, amount_max }
+        Self {
+            categories: owned(&CATEGORIES),
+            ages: owned(&AGES),
+            genders: owned(&GENDERS),
+            amount_min,
+            amount_max,
+            amount_clip: false,
+        }
+    }
+
+    /// The default: BankSim vocabularies, the original demo's fixed amount
+    /// range, larger amounts clipped to 1.
+    pub fn demo() -> Self {
+        Self { amount_clip: true, ..Self::banksim(0.0, DEMO_AMOUNT_MAX) }
+    }
+
+    /// The spec a trainer uses for `scale` on its training `payments`.
+    pub fn for_training<'a>(scale: AmountScale, payments: impl IntoIterator<Item = &'a Payment>) -> Self {
+        match scale {
+            AmountScale::Fixed => Self::demo(),
+            AmountScale::Fit => Self::fit(payments),
+        }
+    }
+
+    /// The features of `group`: a range of column indices.
+    pub fn columns(&self, group: FeatureGroup) -> std::ops::Range<usize> {
+        let (c, a, g) = (self.categories.len(), self.ages.len(), self.genders.len());
+        match group {
+            FeatureGroup::Amount => 0..1,
+            FeatureGroup::Category => 1..1 + c,
+            FeatureGroup::Age => 1 + c..1 + c + a,
+            FeatureGroup::Gender => 1 + c + a..1 + c + a + g,
+        }
+    }
+
+    /// Every feature's name, in column order (`amount_scaled`, `category=es_food`, ...).
+    pub fn feature_names(&self) -> Vec<String> {
+        let mut names = vec!["amount_scaled".to_string()];
+        for (group, vocab) in
+            [(FeatureGroup::Category, &self.categories), (FeatureGroup::Age, &self.ages), (FeatureGroup::Gender, &self.genders)]
+        {
+            names.extend(vocab.iter().map(|v| format!("{}={v}", group.name())));
+        }
+        names
     }
 
     /// The BankSim vocabularies with the amount range of `payments` (the training data).
@@ -104,6 +215,10 @@ impl FeatureEncoder {
         self.spec.width()
     }
 
+    pub fn spec(&self) -> &FeatureSpec {
+        &self.spec
+    }
+
     /// Writes the features of `payment` into `row` (length `width()`).
     pub fn encode_into(&self, payment: &Payment, row: &mut [f32]) -> Result<(), EncodeError> {
         assert_eq!(row.len(), self.width(), "feature row has the wrong width");
@@ -120,7 +235,8 @@ impl FeatureEncoder {
         let age = lookup(&self.spec.ages, &payment.age, "age")?;
         let gender = lookup(&self.spec.genders, &payment.gender, "gender")?;
         row.fill(0.0);
-        row[0] = ((payment.amount - self.spec.amount_min) * self.amount_scale) as f32;
+        let scaled = (payment.amount - self.spec.amount_min) * self.amount_scale;
+        row[0] = if self.spec.amount_clip { scaled.min(1.0) } else { scaled } as f32;
         // Finite in f64 is not enough: the cast to f32 overflows to inf, and
         // the model's NaN would then slip past `p >= threshold` unflagged.
         if !row[0].is_finite() {
@@ -225,6 +341,39 @@ mod tests {
         let err = encoder.encode(&payment("es_food", "3", "M", 1e43)).unwrap_err();
         assert!(matches!(err, EncodeError::NonFiniteFeature { value, .. } if value.is_infinite()), "{err}");
         assert!(encoder.encode(&payment("es_food", "3", "M", 1e30)).is_ok(), "large but representable");
+    }
+
+    #[test]
+    fn the_demo_scale_is_fixed_and_clips() {
+        let encoder = FeatureEncoder::new(FeatureSpec::demo());
+        assert_eq!(encoder.encode(&payment("es_food", "3", "M", 8329.96)).unwrap()[0], 1.0);
+        assert_eq!(encoder.encode(&payment("es_food", "3", "M", 20_000.0)).unwrap()[0], 1.0, "clipped");
+        assert_eq!(encoder.encode(&payment("es_food", "3", "M", 1e43)).unwrap()[0], 1.0, "clipped, not infinite");
+        let row = encoder.encode(&payment("es_health", "3", "M", 44.26)).unwrap();
+        assert!((row[0] - 0.005313).abs() < 1e-6, "the original demo's encoding: {}", row[0]);
+        // A spec from before the fixed scale reads as not clipping.
+        let old: FeatureSpec = serde_json::from_str(
+            r#"{"categories":[],"ages":[],"genders":[],"amount_min":0.0,"amount_max":10.0}"#,
+        )
+        .unwrap();
+        assert!(!old.amount_clip);
+    }
+
+    #[test]
+    fn groups_cover_every_column_once_in_order() {
+        let spec = FeatureSpec::demo();
+        let names = spec.feature_names();
+        assert_eq!(names.len(), spec.width());
+        let mut next = 0;
+        for group in FeatureGroup::ALL {
+            let columns = spec.columns(group);
+            assert_eq!(columns.start, next, "{group:?}");
+            next = columns.end;
+        }
+        assert_eq!(next, spec.width());
+        assert_eq!((names[0].as_str(), names[1].as_str(), names[27].as_str()), ("amount_scaled", "category=es_barsandrestaurants", "gender=U"));
+        let p = payment("es_food", "3", "M", 12.5);
+        assert_eq!(FeatureGroup::ALL.map(|g| g.value(&p)), ["12.50", "es_food", "3", "M"].map(String::from));
     }
 
     #[test]

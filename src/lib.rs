@@ -10,6 +10,7 @@ pub mod api;
 pub mod choice;
 pub mod codec;
 pub mod consume;
+pub mod decision;
 pub mod demo;
 pub mod features;
 pub mod kafka;

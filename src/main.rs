@@ -97,7 +97,7 @@ struct ScoreArgs {
     #[arg(long, env = "FRAUDSTREAM_OUTPUT_FORMAT", value_parser = choice::<WireFormat>(), default_value = "confluent")]
     output_format: WireFormat,
     /// Schema id written into Confluent headers of scored payments.
-    #[arg(long, env = "FRAUDSTREAM_SCHEMA_ID", default_value_t = 2)]
+    #[arg(long, env = "FRAUDSTREAM_SCHEMA_ID", default_value_t = fraudstream::codec::SCORED_PAYMENT_SCHEMA_ID)]
     output_schema_id: u32,
     #[command(flatten)]
     scoring: ScoringArgs,
@@ -153,7 +153,7 @@ struct ScoreArgs {
     #[arg(long, env = "FRAUDSTREAM_TRANSACTION_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
     transaction_interval: Duration,
     /// Exactly-once: commit sooner once a transaction holds this many records.
-    #[arg(long, env = "FRAUDSTREAM_TRANSACTION_MAX_EVENTS", default_value_t = 10_000)]
+    #[arg(long, env = "FRAUDSTREAM_TRANSACTION_MAX_EVENTS", default_value_t = TransactionConfig::default().max_events)]
     transaction_max_events: usize,
     /// Exactly-once: the producer's transactional.id, stable for this member across restarts and
     /// unique among members (default: `<group id>-<host name>`, e.g. a StatefulSet pod's name).
@@ -182,6 +182,9 @@ struct ScoringArgs {
     /// Intra-op threads for libtorch (1 is fastest on small shared machines; scale with replicas).
     #[arg(long, env = "FRAUDSTREAM_THREADS", default_value_t = 1)]
     threads: i32,
+    /// Reason codes for payments at or above the review band (`false`: decisions only).
+    #[arg(long, env = "FRAUDSTREAM_REASONS", default_value_t = true, action = clap::ArgAction::Set)]
+    reasons: bool,
 }
 
 #[derive(Debug, Args)]
@@ -536,6 +539,7 @@ async fn score(args: ScoreArgs) -> Result<()> {
         body_limit: args.max_body_bytes,
         create_topics: (args.topic_partitions > 0).then_some(args.topic_partitions),
         rest_concurrency: args.max_rest_concurrency,
+        reasons: args.scoring.reasons,
     };
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());

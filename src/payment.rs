@@ -8,6 +8,8 @@ use std::io::{BufRead, Write};
 
 use serde::{Deserialize, Serialize};
 
+use crate::decision::{Decision, Reason};
+
 /// Event time given to BankSim rows read from CSV: step 0 is this instant
 /// (2014-01-01T00:00:00Z, roughly when BankSim was published) and each step is one day.
 pub const BANKSIM_EPOCH_MS: i64 = 1_388_534_400_000;
@@ -86,6 +88,14 @@ pub struct ScoredPayment {
     pub model_version: String,
     /// When the score was computed, milliseconds since the Unix epoch.
     pub scored_at: i64,
+    /// Allow, review or block, by the model's decision bands. Absent only in
+    /// records written before decisions existed.
+    #[serde(default)]
+    pub decision: Option<Decision>,
+    /// Why, for payments at or above the review band (or when asked):
+    /// the feature groups that raised P(fraud) most, most first.
+    #[serde(default)]
+    pub reasons: Vec<Reason>,
 }
 
 /// Milliseconds since the Unix epoch, now.

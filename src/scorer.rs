@@ -30,6 +30,8 @@ pub struct ScorerConfig {
     pub create_topics: Option<i32>,
     /// REST scoring requests served at once; more get 429.
     pub rest_concurrency: usize,
+    /// Reason codes for payments at or above the review band.
+    pub reasons: bool,
 }
 
 /// The defaults of `fraudstream score`'s flags; main, the demo, tests and
@@ -44,6 +46,7 @@ impl Default for ScorerConfig {
             body_limit: 4 << 20,
             create_topics: Some(4),
             rest_concurrency: crate::api::DEFAULT_REST_CONCURRENCY,
+            reasons: true,
         }
     }
 }
@@ -117,6 +120,7 @@ async fn run_pipeline(
 /// Runs the scorer until `shutdown` is cancelled or its pipeline fails; then
 /// drains, commits and returns (the failure, for a non-zero exit).
 pub async fn run(config: ScorerConfig, parts: ScorerParts, shutdown: CancellationToken) -> Result<(), ScorerError> {
+    parts.scoring.set_reasons(config.reasons);
     // HTTP first, so /healthz answers (and /readyz says why not) while we wait for a model.
     let http = match config.http_addr {
         None => None,

@@ -9,12 +9,14 @@
 //! same queue as work, so every batch is scored by exactly one model and a
 //! swap never drops or double-scores an event.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::features::{EncodeError, FEATURE_WIDTH};
+use crate::decision::{occluded_rows, Decision, DecisionBands, Reason};
+use crate::features::{EncodeError, FeatureSpec, FEATURE_WIDTH};
 use crate::model::{Model, ModelError};
 use crate::payment::{Payment, ScoredPayment};
 use crate::telemetry::metric;
@@ -25,29 +27,39 @@ pub struct ModelInfo {
     pub name: String,
     pub version: String,
     pub threshold: f64,
+    pub bands: DecisionBands,
+    pub feature_spec: FeatureSpec,
+    /// Whether the version can give reasons (it has a training reference).
+    pub explains: bool,
     pub device: String,
 }
 
 impl ModelInfo {
     /// A payment's score as the output says it, stream and REST alike: the
-    /// one place where `p >= threshold` becomes the decision.
-    pub fn verdict(&self, payment: Payment, p_fraud: f32, scored_at: i64) -> ScoredPayment {
-        let (fraud_probability, is_fraud) = self.decide(p_fraud);
-        ScoredPayment {
+    /// one place where `p >= threshold` becomes `isFraud` and the bands a decision.
+    pub fn verdict(&self, payment: Payment, p_fraud: f32, reasons: Vec<Reason>, scored_at: i64) -> ScoredPayment {
+        let mut output = ScoredPayment {
             payment,
-            fraud_probability,
-            is_fraud,
+            fraud_probability: 0.0,
+            is_fraud: false,
             threshold: self.threshold,
             model_name: self.name.clone(),
             model_version: self.version.clone(),
             scored_at,
-        }
+            decision: None,
+            reasons: Vec::new(),
+        };
+        self.rescore(&mut output, p_fraud, reasons);
+        output
     }
 
-    /// The probability as outputs carry it, and the decision: `p >= threshold`.
-    pub fn decide(&self, p_fraud: f32) -> (f64, bool) {
-        let fraud_probability = f64::from(p_fraud);
-        (fraud_probability, fraud_probability >= self.threshold)
+    /// Sets the score, `isFraud`, the decision and the reasons of `output`
+    /// (a verdict of this model, reused for the next payment of a batch).
+    pub fn rescore(&self, output: &mut ScoredPayment, p_fraud: f32, reasons: Vec<Reason>) {
+        output.fraud_probability = f64::from(p_fraud);
+        output.is_fraud = output.fraud_probability >= self.threshold;
+        output.decision = Some(self.bands.decide(output.fraud_probability));
+        output.reasons = reasons;
     }
 
     fn of(model: &Model) -> Self {
@@ -56,8 +68,16 @@ impl ModelInfo {
             name: m.name.clone(),
             version: m.version.clone(),
             threshold: m.threshold,
+            bands: m.bands(),
+            feature_spec: m.feature_spec.clone(),
+            explains: !m.feature_reference.is_empty(),
             device: crate::model::device_name(model.device()),
         }
+    }
+
+    /// Whether a payment scored `p_fraud` gets reasons without being asked.
+    fn wants_reasons(&self, p_fraud: f32) -> bool {
+        self.bands.decide(f64::from(p_fraud)) != Decision::Allow
     }
 }
 
@@ -91,6 +111,17 @@ pub struct ScoredBatch {
     pub payments: Vec<Payment>,
     /// [P(legit), P(fraud)] or why the payment could not be encoded.
     pub results: Vec<Result<[f32; 2], EncodeError>>,
+    /// Each payment's reasons (empty where none were computed).
+    pub reasons: Vec<Vec<Reason>>,
+}
+
+/// Which payments of a job get reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Explain {
+    /// Those at or above the review band (the stream, `:score`).
+    AtReview,
+    /// Every one (`:explain`, `:score?explain=true`).
+    All,
 }
 
 /// Outputs for raw feature rows.
@@ -100,7 +131,7 @@ pub struct ScoredRows {
 }
 
 enum Job {
-    Payments(Vec<Payment>, oneshot::Sender<Result<ScoredBatch, ScoringError>>),
+    Payments(Vec<Payment>, Explain, oneshot::Sender<Result<ScoredBatch, ScoringError>>),
     Rows(Vec<f32>, oneshot::Sender<Result<ScoredRows, ScoringError>>),
     Swap(Box<Model>, oneshot::Sender<()>),
 }
@@ -110,6 +141,8 @@ enum Job {
 pub struct ScoringService {
     jobs: mpsc::Sender<Job>,
     current: Arc<RwLock<Option<Arc<ModelInfo>>>>,
+    /// Whether reasons are computed at all (`--reasons`; off only to measure their cost).
+    reasons: Arc<AtomicBool>,
     width: usize,
 }
 
@@ -119,12 +152,18 @@ impl ScoringService {
     pub fn start(max_batch: usize, queue: usize) -> Self {
         let (jobs, rx) = mpsc::channel(queue);
         let current = Arc::new(RwLock::new(None));
-        let shared = current.clone();
+        let reasons = Arc::new(AtomicBool::new(true));
+        let (shared, explaining) = (current.clone(), reasons.clone());
         std::thread::Builder::new()
             .name("fraudstream-scorer".into())
-            .spawn(move || run(rx, shared, max_batch))
+            .spawn(move || run(rx, shared, explaining, max_batch))
             .expect("spawning the scoring thread");
-        Self { jobs, current, width: FEATURE_WIDTH }
+        Self { jobs, current, reasons, width: FEATURE_WIDTH }
+    }
+
+    /// Turns reason codes on (the default) or off.
+    pub fn set_reasons(&self, on: bool) {
+        self.reasons.store(on, Ordering::Relaxed);
     }
 
     /// The serving model, if any.
@@ -144,15 +183,16 @@ impl ScoringService {
     pub async fn submit(
         &self,
         payments: Vec<Payment>,
+        explain: Explain,
     ) -> Result<oneshot::Receiver<Result<ScoredBatch, ScoringError>>, ScoringError> {
         let (tx, rx) = oneshot::channel();
-        self.jobs.send(Job::Payments(payments, tx)).await.map_err(|_| ScoringError::Stopped)?;
+        self.jobs.send(Job::Payments(payments, explain, tx)).await.map_err(|_| ScoringError::Stopped)?;
         Ok(rx)
     }
 
     /// Scores payments and waits for the result.
-    pub async fn score_payments(&self, payments: Vec<Payment>) -> Result<ScoredBatch, ScoringError> {
-        self.submit(payments).await?.await.map_err(|_| ScoringError::Stopped)?
+    pub async fn score_payments(&self, payments: Vec<Payment>, explain: Explain) -> Result<ScoredBatch, ScoringError> {
+        self.submit(payments, explain).await?.await.map_err(|_| ScoringError::Stopped)?
     }
 
     /// Scores already-encoded rows (`width` floats each) and waits for the result.
@@ -168,7 +208,12 @@ impl ScoringService {
 
 /// The scoring thread: takes every job already waiting (up to `max_batch`
 /// rows), runs one forward pass over all of them, and answers each.
-fn run(mut rx: mpsc::Receiver<Job>, current: Arc<RwLock<Option<Arc<ModelInfo>>>>, max_batch: usize) {
+fn run(
+    mut rx: mpsc::Receiver<Job>,
+    current: Arc<RwLock<Option<Arc<ModelInfo>>>>,
+    reasons: Arc<AtomicBool>,
+    max_batch: usize,
+) {
     let mut model: Option<(Model, Arc<ModelInfo>)> = None;
     let mut pending: Option<Job> = None;
     loop {
@@ -185,6 +230,17 @@ fn run(mut rx: mpsc::Receiver<Job>, current: Arc<RwLock<Option<Arc<ModelInfo>>>>
                         metrics::counter!(metric::MODEL_SWAPS).increment(1);
                         if let Some((_, old)) = &model {
                             metrics::gauge!(metric::MODEL_LOADED, "version" => old.version.clone()).set(0.0);
+                            if old.feature_spec != info.feature_spec {
+                                // Pre-encoded clients (`:predict`) must encode differently from now on.
+                                tracing::warn!(
+                                    from = %old.version,
+                                    to = %info.version,
+                                    old_spec = ?old.feature_spec,
+                                    new_spec = ?info.feature_spec,
+                                    "the new version encodes features differently"
+                                );
+                                metrics::counter!(metric::FEATURE_SPEC_CHANGES).increment(1);
+                            }
                         }
                         metrics::gauge!(metric::MODEL_LOADED, "version" => info.version.clone()).set(1.0);
                         let number = crate::model::ModelVersion::parse(&info.version).map_or(0.0, |v| v.0 as f64);
@@ -200,7 +256,7 @@ fn run(mut rx: mpsc::Receiver<Job>, current: Arc<RwLock<Option<Arc<ModelInfo>>>>
                 }
                 job => {
                     rows += match &job {
-                        Job::Payments(p, _) => p.len(),
+                        Job::Payments(p, ..) => p.len(),
                         Job::Rows(f, _) => f.len() / FEATURE_WIDTH,
                         Job::Swap(..) => 0,
                     };
@@ -224,7 +280,10 @@ fn run(mut rx: mpsc::Receiver<Job>, current: Arc<RwLock<Option<Arc<ModelInfo>>>>
                 // A panic inside libtorch must not kill the scoring thread: the
                 // batch's jobs are dropped with it (their callers see the
                 // reply channel close, a scoring failure) and the thread lives.
-                let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score_jobs(model, info, jobs)));
+                let explaining = reasons.load(Ordering::Relaxed);
+                let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    score_jobs(model, info, jobs, explaining)
+                }));
                 if let Err(panic) = scored {
                     let message = panic
                         .downcast_ref::<String>()
@@ -240,7 +299,7 @@ fn run(mut rx: mpsc::Receiver<Job>, current: Arc<RwLock<Option<Arc<ModelInfo>>>>
 
 fn fail(job: Job, error: ScoringError) {
     match job {
-        Job::Payments(_, reply) => drop(reply.send(Err(error))),
+        Job::Payments(_, _, reply) => drop(reply.send(Err(error))),
         Job::Rows(_, reply) => drop(reply.send(Err(error))),
         Job::Swap(..) => {}
     }
@@ -248,14 +307,14 @@ fn fail(job: Job, error: ScoringError) {
 
 /// Encodes every job's payments with the model's encoder, runs one forward
 /// pass over all rows, and hands each job its slice.
-fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>) {
+fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: bool) {
     let started = Instant::now();
     let encoder = model.encoder();
     let width = encoder.width();
     let rows: usize = jobs
         .iter()
         .map(|job| match job {
-            Job::Payments(p, _) => p.len(),
+            Job::Payments(p, ..) => p.len(),
             Job::Rows(f, _) => f.len() / width,
             Job::Swap(..) => 0,
         })
@@ -266,7 +325,7 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>) {
     let mut n = 0;
     for job in &jobs {
         match job {
-            Job::Payments(payments, _) => {
+            Job::Payments(payments, ..) => {
                 let mut slots = Vec::with_capacity(payments.len());
                 for p in payments {
                     slots.push(encoder.encode_into(p, &mut row).map(|()| {
@@ -307,12 +366,19 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>) {
         return;
     }
     metrics::histogram!(metric::BATCH_SIZE).record(n as f64);
+    let reasons = if explaining && info.explains {
+        explain(model, info, &jobs, &encoded, &features, &outputs)
+    } else {
+        jobs.iter().map(|_| Vec::new()).collect()
+    };
     metrics::histogram!(metric::INFERENCE_SECONDS).record(started.elapsed().as_secs_f64());
-    for (job, slots) in jobs.into_iter().zip(encoded) {
+    for ((job, slots), reasons) in jobs.into_iter().zip(encoded).zip(reasons) {
         match job {
-            Job::Payments(payments, reply) => {
-                let results = slots.into_iter().map(|slot| slot.map(|i| outputs[i])).collect();
-                let _ = reply.send(Ok(ScoredBatch { model: info.clone(), payments, results }));
+            Job::Payments(payments, _, reply) => {
+                let results: Vec<_> = slots.into_iter().map(|slot| slot.map(|i| outputs[i])).collect();
+                let mut reasons = reasons;
+                reasons.resize_with(payments.len(), Vec::new);
+                let _ = reply.send(Ok(ScoredBatch { model: info.clone(), payments, results, reasons }));
             }
             Job::Rows(_, reply) => {
                 let outputs = slots.into_iter().map(|slot| outputs[slot.expect("rows are pre-encoded")]).collect();
@@ -321,4 +387,56 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>) {
             Job::Swap(..) => {}
         }
     }
+}
+
+/// Reasons for the payments that get them (at or above review, or every
+/// one of a job that asks): one more forward pass over their occluded rows,
+/// one row per feature group. Per job, per payment; empty for the others.
+fn explain(
+    model: &Model,
+    info: &ModelInfo,
+    jobs: &[Job],
+    encoded: &[Vec<Result<usize, EncodeError>>],
+    features: &[f32],
+    outputs: &[[f32; 2]],
+) -> Vec<Vec<Vec<Reason>>> {
+    let reference = &model.manifest().feature_reference;
+    let width = info.feature_spec.width();
+    let groups = crate::features::FeatureGroup::ALL.len();
+    let mut wanted: Vec<(usize, usize, usize)> = Vec::new(); // (job, payment, row)
+    for (j, (job, slots)) in jobs.iter().zip(encoded).enumerate() {
+        let Job::Payments(_, explain, _) = job else { continue };
+        for (k, slot) in slots.iter().enumerate() {
+            if let Ok(row) = slot {
+                if *explain == Explain::All || info.wants_reasons(outputs[*row][1]) {
+                    wanted.push((j, k, *row));
+                }
+            }
+        }
+    }
+    let mut reasons: Vec<Vec<Vec<Reason>>> = jobs.iter().map(|_| Vec::new()).collect();
+    if wanted.is_empty() {
+        return reasons;
+    }
+    let mut occluded = Vec::with_capacity(wanted.len() * groups * width);
+    for (_, _, row) in &wanted {
+        occluded_rows(&info.feature_spec, &features[row * width..(row + 1) * width], reference, &mut occluded);
+    }
+    let scores = match model.predict(&occluded, wanted.len() * groups) {
+        Ok(scores) => scores,
+        Err(e) => {
+            // The scores stand; only their explanation is missing.
+            tracing::warn!(error = %e, rows = wanted.len(), "the forward pass for reasons failed");
+            return reasons;
+        }
+    };
+    metrics::counter!(metric::PAYMENTS_EXPLAINED).increment(wanted.len() as u64);
+    for (i, (j, k, row)) in wanted.into_iter().enumerate() {
+        let Job::Payments(payments, ..) = &jobs[j] else { continue };
+        let without: Vec<f32> = scores[i * groups..(i + 1) * groups].iter().map(|o| o[1]).collect();
+        let per_job = &mut reasons[j];
+        per_job.resize_with(payments.len(), Vec::new);
+        per_job[k] = crate::decision::reasons(&payments[k], outputs[row][1], &without);
+    }
+    reasons
 }

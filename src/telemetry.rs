@@ -58,6 +58,12 @@ pub mod metric {
     pub const END_TO_END_SECONDS: &str = "fraudstream_end_to_end_latency_seconds";
     /// Histogram: P(fraud) of scored events.
     pub const FRAUD_PROBABILITY: &str = "fraudstream_fraud_probability";
+    /// Counter: model swaps to a version whose feature spec differs from the one before (pre-encoded clients must follow).
+    pub const FEATURE_SPEC_CHANGES: &str = "fraudstream_feature_spec_changes_total";
+    /// Counter: payments given reason codes (one extra forward pass per feature group each).
+    pub const PAYMENTS_EXPLAINED: &str = "fraudstream_payments_explained_total";
+    /// Counter, label `decision`: scored events by decision band.
+    pub const DECISIONS: &str = "fraudstream_decisions_total";
     /// Counter: events flagged as fraud at the model's threshold.
     pub const FRAUD_FLAGGED: &str = "fraudstream_fraud_flagged_total";
     /// Gauge, label `version`: 1 for the model version now serving.

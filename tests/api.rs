@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use fraudstream::api::{router, ApiState};
 use fraudstream::model::{Model, ModelStore, MODEL_FILE};
-use fraudstream::scoring::ScoringService;
+use fraudstream::decision::Decision;
+use fraudstream::scoring::{Explain, ScoringService};
 use fraudstream::Payment;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -112,12 +113,19 @@ async fn tf_serving_endpoints_answer_like_tf_serving() {
 
     let metadata = get(&format!("{}/v1/models/payfraud/metadata", s.base)).await;
     assert_eq!(metadata.0, StatusCode::OK);
-    let expected: Value = serde_json::from_str(&format!(
-        r#"{{"model_spec":{{"name":"payfraud","signature_name":"","version":"{v}"}},"metadata":{{"signature_def":{{"signature_def":{{"serving_default":{{"inputs":{{"payments":{{"dtype":"DT_FLOAT","tensor_shape":{{"dim":[{{"size":"-1","name":""}},{{"size":"28","name":""}}],"unknown_rank":false}},"name":"X_train:0"}}}},"outputs":{{"classification":{{"dtype":"DT_FLOAT","tensor_shape":{{"dim":[{{"size":"-1","name":""}},{{"size":"2","name":""}}],"unknown_rank":false}},"name":"Softmax:0"}}}},"method_name":"tensorflow/serving/predict"}}}}}}}}}}"#
-    ))
+    let signature: Value = serde_json::from_str(
+        r#"{"signature_def":{"serving_default":{"inputs":{"payments":{"dtype":"DT_FLOAT","tensor_shape":{"dim":[{"size":"-1","name":""},{"size":"28","name":""}],"unknown_rank":false},"name":"X_train:0"}},"outputs":{"classification":{"dtype":"DT_FLOAT","tensor_shape":{"dim":[{"size":"-1","name":""},{"size":"2","name":""}],"unknown_rank":false},"name":"Softmax:0"}},"method_name":"tensorflow/serving/predict"}}}"#,
+    )
     .unwrap();
-    assert_eq!(metadata.1, expected);
-    assert_eq!(get(&format!("{}/v1/models/payfraud/versions/{v}/metadata", s.base)).await.1, expected);
+    assert_eq!(metadata.1["model_spec"], json!({"name": "payfraud", "signature_name": "", "version": v}));
+    assert_eq!(metadata.1["metadata"]["signature_def"], signature);
+    // Beside TF Serving's signature: what the 28 inputs mean for this version.
+    let spec = &metadata.1["metadata"]["feature_spec"];
+    assert_eq!((spec["amount_min"].as_f64(), spec["amount_max"].as_f64(), &spec["amount_clip"]), (Some(0.0), Some(8329.96), &json!(true)));
+    let features: Vec<String> = serde_json::from_value(spec["features"].clone()).unwrap();
+    assert_eq!((features.len(), features[0].as_str(), features[5].as_str(), features[19].as_str(), features[26].as_str()),
+        (28, "amount_scaled", "category=es_health", "age=3", "gender=M"));
+    assert_eq!(get(&format!("{}/v1/models/payfraud/versions/{v}/metadata", s.base)).await.1, metadata.1);
 
     // The original demo's request, columnar and row formats.
     let (status, body) = post(&format!("{}/v1/models/payfraud:predict", s.base), json!({"inputs": [demo_row()]})).await;
@@ -138,7 +146,7 @@ async fn tf_serving_endpoints_answer_like_tf_serving() {
 
     // Equal to the stream's score for the same payment: encode it with the
     // model's own encoder, ask :predict, and compare with the scoring path.
-    let batch = s.scoring.score_payments(vec![demo_payment()]).await.unwrap();
+    let batch = s.scoring.score_payments(vec![demo_payment()], Explain::AtReview).await.unwrap();
     let stream_score = batch.results[0].clone().unwrap();
     let features = common_features(&s, &demo_payment()).await;
     let (_, body) = post(&format!("{}/v1/models/payfraud:predict", s.base), json!({"instances": [features]})).await;
@@ -154,12 +162,77 @@ async fn tf_serving_endpoints_answer_like_tf_serving() {
     assert_eq!(scored["modelVersion"], json!(v));
     assert!((scored["fraudProbability"].as_f64().unwrap() - f64::from(stream_score[1])).abs() < 1e-6);
     assert_eq!(scored["payment"]["paymentId"], json!("demo-1"));
+    // A row pre-encoded as the original demo encodes (amount / 8329.96) means
+    // the same payment to every version on the fixed amount scale: :predict
+    // and :score agree (the demo's literal row, rounded to 0.005313, within 1e-4).
+    let mut exact = demo_row();
+    exact[0] = 44.26 / 8329.96;
+    let (_, body) =
+        post(&format!("{}/v1/models/payfraud:predict", s.base), json!({"instances": [exact, demo_row()]})).await;
+    let demo: Vec<Vec<f64>> = serde_json::from_value(body["predictions"].clone()).unwrap();
+    let p = scored["fraudProbability"].as_f64().unwrap();
+    assert!((demo[0][1] - p).abs() < 1e-6 && (demo[1][1] - p).abs() < 1e-4, "{demo:?} vs {scored}");
 
     let metrics = reqwest::get(format!("{}/metrics", s.base)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("fraudstream_http_requests_total"), "{metrics}");
     assert!(metrics.contains("fraudstream_http_rows_scored_total"));
     assert_eq!(reqwest::get(format!("{}/healthz", s.base)).await.unwrap().status(), StatusCode::OK);
     assert_eq!(reqwest::get(format!("{}/readyz", s.base)).await.unwrap().status(), StatusCode::OK);
+}
+
+/// Every `:score` output has a decision by the version's bands; those at or
+/// above review carry reasons, `?explain=true` and `:explain` give them for
+/// every payment; all equal an independent computation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_and_reasons_over_rest() {
+    let s = serve(4 << 20).await;
+    let model = Model::load(&s.model_dir, tch::Device::Cpu).unwrap();
+    let bands = model.manifest().bands();
+    assert!(bands.review.threshold < bands.block.threshold, "{bands:?}");
+    let payments: Vec<Payment> = fraudstream::Simulator::new(3_000, 11).collect();
+    let instances = serde_json::to_value(&payments).unwrap();
+    let (status, body) = post(&format!("{}/v1/models/payfraud:score", s.base), json!({"instances": instances})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let scored: Vec<fraudstream::ScoredPayment> = serde_json::from_value(body["predictions"].clone()).unwrap();
+    let mut seen = std::collections::HashMap::new();
+    for out in &scored {
+        let decision = out.decision.expect("every output has a decision");
+        assert_eq!(decision, bands.decide(out.fraud_probability), "{out:?}");
+        *seen.entry(decision).or_insert(0) += 1;
+        if decision == Decision::Allow {
+            assert!(out.reasons.is_empty(), "{out:?}");
+        } else {
+            common::assert_reasons(&out.reasons, &common::independent_reasons(&model, &out.payment), "stream-like :score");
+        }
+    }
+    eprintln!("decisions of 3,000 simulated payments: {seen:?}");
+    assert!(seen.len() == 3, "all three decisions among 3,000 payments: {seen:?}");
+
+    // Asked for: reasons for every payment, allowed ones too.
+    let few = serde_json::to_value(&payments[..50]).unwrap();
+    let (status, body) =
+        post(&format!("{}/v1/models/payfraud:score?explain=true", s.base), json!({"instances": few.clone()})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let explained: Vec<fraudstream::ScoredPayment> = serde_json::from_value(body["predictions"].clone()).unwrap();
+    for out in &explained {
+        assert_eq!(out.reasons.len(), 3, "{out:?}");
+        common::assert_reasons(&out.reasons, &common::independent_reasons(&model, &out.payment), "?explain=true");
+    }
+
+    // KServe v1 :explain: predictions as :predict gives them, explanations with reasons.
+    let (status, body) = post(&format!("{}/v1/models/payfraud:explain", s.base), json!({"instances": few})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let predictions: Vec<[f64; 2]> = serde_json::from_value(body["predictions"].clone()).unwrap();
+    let explanations: Vec<fraudstream::ScoredPayment> = serde_json::from_value(body["explanations"].clone()).unwrap();
+    assert_eq!((predictions.len(), explanations.len()), (50, 50));
+    for ((p, e), asked) in predictions.iter().zip(&explanations).zip(&explained) {
+        assert!((p[1] - e.fraud_probability).abs() < 1e-12 && (p[0] + p[1] - 1.0).abs() < 1e-9, "{p:?}");
+        assert_eq!((&e.payment, &e.reasons, e.decision), (&asked.payment, &asked.reasons, asked.decision));
+        let reason = &body["explanations"][0]["reasons"][0];
+        assert!(reason["feature"].is_string() && reason["value"].is_string() && reason["contribution"].is_f64(), "{reason}");
+    }
+    let (status, _) = call(reqwest::Method::GET, &format!("{}/v1/models/payfraud:explain", s.base), None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
 }
 
 /// The features of a payment as the serving model encodes them (its own
@@ -255,7 +328,9 @@ async fn rest_beyond_its_concurrency_limit_gets_429() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_that_is_not_a_probability_is_an_error_not_a_score() {
     let s = serve(1 << 20).await;
-    let manifest = Model::load(&s.model_dir, tch::Device::Cpu).unwrap().manifest().clone();
+    let mut manifest = Model::load(&s.model_dir, tch::Device::Cpu).unwrap().manifest().clone();
+    // An amount scale without the clip (`--amount-scale fit`), so a large amount reaches the NaN.
+    manifest.feature_spec.amount_clip = false;
     // softmax(linear(x)) + 0 * log(5 - x[:, 0]): NaN where the amount feature exceeds 5.
     let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let linear = tch::nn::linear(vs.root(), 28, 2, Default::default());

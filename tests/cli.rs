@@ -177,6 +177,8 @@ async fn consume_filters_scored_payments() {
                 model_name: "payfraud".into(),
                 model_version: "1".into(),
                 scored_at: 0,
+                decision: None,
+                reasons: Vec::new(),
             };
             (i.to_string(), codec.encode_scored(&scored).unwrap())
         })

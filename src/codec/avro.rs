@@ -11,6 +11,7 @@
 //! Decoding never panics and never trusts a length: every read is bounds-
 //! checked, and errors name the field so a dead letter says what was wrong.
 
+use crate::decision::{Decision, Reason};
 use crate::payment::{Payment, ScoredPayment};
 
 /// Why an Avro body could not be read.
@@ -28,8 +29,12 @@ pub enum AvroError {
     InvalidUtf8 { field: &'static str },
     #[error("field `{field}`: boolean byte is {byte:#04x}, not 0 or 1")]
     InvalidBoolean { field: &'static str, byte: u8 },
-    #[error("field `{field}`: union branch {index} does not exist (0 = null, 1 = boolean)")]
+    #[error("field `{field}`: union branch {index} does not exist (0 = null, 1 = the value)")]
     InvalidUnionBranch { field: &'static str, index: i64 },
+    #[error("field `{field}`: enum symbol {index} does not exist (0 = allow, 1 = review, 2 = block)")]
+    InvalidEnumSymbol { field: &'static str, index: i64 },
+    #[error("field `{field}`: array block of {count} items is more than the body can hold")]
+    ArrayTooLong { field: &'static str, count: i64 },
 }
 
 /// The fields of `schemas/payment.avsc`, in order, as this module reads and
@@ -52,7 +57,7 @@ pub const PAYMENT_FIELDS: [(&str, &str); 12] = [
 
 /// The fields of `schemas/scored_payment.avsc`, in order.
 #[cfg(test)]
-pub const SCORED_PAYMENT_FIELDS: [(&str, &str); 7] = [
+pub const SCORED_PAYMENT_FIELDS: [(&str, &str); 9] = [
     ("payment", "Payment"),
     ("fraudProbability", "double"),
     ("isFraud", "boolean"),
@@ -60,7 +65,12 @@ pub const SCORED_PAYMENT_FIELDS: [(&str, &str); 7] = [
     ("modelName", "string"),
     ("modelVersion", "string"),
     ("scoredAt", "long"),
+    ("decision", "[null, Decision]"),
+    ("reasons", "[Reason]"),
 ];
+
+/// `Decision`'s symbols in schema order.
+const DECISIONS: [Decision; 3] = [Decision::Allow, Decision::Review, Decision::Block];
 
 /// Appends a `Payment` body.
 pub fn write_payment(out: &mut Vec<u8>, p: &Payment) {
@@ -93,6 +103,23 @@ pub fn write_scored_payment(out: &mut Vec<u8>, s: &ScoredPayment) {
     write_string(out, &s.model_name);
     write_string(out, &s.model_version);
     write_long(out, s.scored_at);
+    match s.decision {
+        None => write_long(out, 0),
+        Some(decision) => {
+            write_long(out, 1);
+            write_long(out, DECISIONS.iter().position(|d| *d == decision).expect("every decision has a symbol") as i64);
+        }
+    }
+    // One block of every item, then the empty block that ends the array.
+    if !s.reasons.is_empty() {
+        write_long(out, s.reasons.len() as i64);
+        for reason in &s.reasons {
+            write_string(out, &reason.feature);
+            write_string(out, &reason.value);
+            write_double(out, reason.contribution);
+        }
+    }
+    write_long(out, 0);
 }
 
 /// Reads a `Payment` body from the front of `input`, advancing it.
@@ -118,11 +145,14 @@ pub fn read_payment(input: &mut &[u8]) -> Result<Payment, AvroError> {
     })
 }
 
-/// Reads a `ScoredPayment` body from the front of `input`, advancing it.
+/// Reads a `ScoredPayment` body from the front of `input`, advancing it. A
+/// body that ends after `scoredAt` was written with schema id 2 (before
+/// `decision` and `reasons`): it reads with their defaults, as Avro's schema
+/// resolution would.
 pub fn read_scored_payment(input: &mut &[u8]) -> Result<ScoredPayment, AvroError> {
     let payment = read_payment(input)?;
     let mut r = Reader(input);
-    Ok(ScoredPayment {
+    let mut scored = ScoredPayment {
         payment,
         fraud_probability: r.double("fraudProbability")?,
         is_fraud: r.boolean("isFraud")?,
@@ -130,7 +160,44 @@ pub fn read_scored_payment(input: &mut &[u8]) -> Result<ScoredPayment, AvroError
         model_name: r.string("modelName")?,
         model_version: r.string("modelVersion")?,
         scored_at: r.long("scoredAt")?,
-    })
+        decision: None,
+        reasons: Vec::new(),
+    };
+    if r.0.is_empty() {
+        return Ok(scored);
+    }
+    scored.decision = match r.long("decision")? {
+        0 => None,
+        1 => {
+            let index = r.long("decision")?;
+            let symbol = usize::try_from(index).ok().and_then(|i| DECISIONS.get(i));
+            Some(*symbol.ok_or(AvroError::InvalidEnumSymbol { field: "decision", index })?)
+        }
+        index => return Err(AvroError::InvalidUnionBranch { field: "decision", index }),
+    };
+    loop {
+        let mut count = r.long("reasons")?;
+        if count == 0 {
+            break;
+        }
+        if count < 0 {
+            // A negative count is followed by the block's size in bytes.
+            count = count.checked_neg().ok_or(AvroError::ArrayTooLong { field: "reasons", count })?;
+            r.long("reasons")?;
+        }
+        // Each item takes at least 10 bytes: never trust a count to allocate.
+        if count > (r.0.len() / 10) as i64 {
+            return Err(AvroError::ArrayTooLong { field: "reasons", count });
+        }
+        for _ in 0..count {
+            scored.reasons.push(Reason {
+                feature: r.string("reasons.feature")?,
+                value: r.string("reasons.value")?,
+                contribution: r.double("reasons.contribution")?,
+            });
+        }
+    }
+    Ok(scored)
 }
 
 /// Avro `long`/`int`: zig-zag, then base-128 varint, low group first.
@@ -233,6 +300,14 @@ mod tests {
             Schema::Double => "double".to_string(),
             Schema::Boolean => "boolean".to_string(),
             Schema::Union(u) if u.variants() == [Schema::Null, Schema::Boolean] => "[null, boolean]".to_string(),
+            Schema::Union(u) => match u.variants() {
+                [Schema::Null, Schema::Enum(e)] => format!("[null, {}]", e.name.name()),
+                other => format!("{other:?}"),
+            },
+            Schema::Array(a) => match a.items.as_ref() {
+                Schema::Record(r) => format!("[{}]", r.name.name()),
+                other => format!("{other:?}"),
+            },
             Schema::Record(r) => r.name.name().to_string(),
             other => format!("{other:?}"),
         };
@@ -286,18 +361,58 @@ mod tests {
             })
     }
 
-    fn scored_payments() -> impl Strategy<Value = ScoredPayment> {
-        (payments(), 0f64..=1.0, any::<bool>(), 0f64..=1.0, any::<String>(), any::<String>(), any::<i64>()).prop_map(
-            |(payment, fraud_probability, is_fraud, threshold, model_name, model_version, scored_at)| ScoredPayment {
-                payment,
-                fraud_probability,
-                is_fraud,
-                threshold,
-                model_name,
-                model_version,
-                scored_at,
-            },
+    fn reasons() -> impl Strategy<Value = Vec<Reason>> {
+        proptest::collection::vec(
+            (any::<String>(), any::<String>(), -1f64..1.0)
+                .prop_map(|(feature, value, contribution)| Reason { feature, value, contribution }),
+            0..4,
         )
+    }
+
+    fn decisions() -> impl Strategy<Value = Option<Decision>> {
+        proptest::option::of(proptest::sample::select(DECISIONS.to_vec()))
+    }
+
+    fn scored_payments() -> impl Strategy<Value = ScoredPayment> {
+        (
+            (payments(), 0f64..=1.0, any::<bool>(), 0f64..=1.0),
+            (any::<String>(), any::<String>(), any::<i64>(), decisions(), reasons()),
+        )
+            .prop_map(|((payment, fraud_probability, is_fraud, threshold), rest)| {
+                let (model_name, model_version, scored_at, decision, reasons) = rest;
+                ScoredPayment {
+                    payment,
+                    fraud_probability,
+                    is_fraud,
+                    threshold,
+                    model_name,
+                    model_version,
+                    scored_at,
+                    decision,
+                    reasons,
+                }
+            })
+    }
+
+    /// Reads `bytes` written with `writer` as a reader holding `reader` does
+    /// (Avro schema resolution, apache-avro's).
+    fn resolve_read<T: serde::de::DeserializeOwned>(writer: &str, reader: &str, mut bytes: &[u8]) -> T {
+        let (writer, reader) = (schema(writer), schema(reader));
+        let value = GenericDatumReader::builder(&writer).reader_schema(&reader).build().unwrap().read_value(&mut bytes);
+        apache_avro::from_value(&value.unwrap()).unwrap()
+    }
+
+    /// `ScoredPayment` as schema id 2 had it.
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ScoredPaymentV2 {
+        payment: Payment,
+        fraud_probability: f64,
+        is_fraud: bool,
+        threshold: f64,
+        model_name: String,
+        model_version: String,
+        scored_at: i64,
     }
 
     proptest! {
@@ -321,6 +436,34 @@ mod tests {
             prop_assert_eq!(&ours, &reference_write(SCORED_PAYMENT_SCHEMA_JSON, &s));
             prop_assert_eq!(reference_read::<ScoredPayment>(SCORED_PAYMENT_SCHEMA_JSON, &ours), Some(s.clone()));
             prop_assert_eq!(read_scored_payment(&mut ours.as_slice()), Ok(s));
+        }
+
+        /// Schema evolution, both ways: a reader of the old schema (id 2)
+        /// reads new records (the new fields are skipped), and a reader of
+        /// the new schema reads old records (the new fields take their
+        /// defaults), by Avro's schema resolution and by our reader alike.
+        #[test]
+        fn old_and_new_scored_payment_schemas_read_each_other(s in scored_payments()) {
+            use crate::codec::SCORED_PAYMENT_SCHEMA_V2_JSON as V2;
+            let old = ScoredPaymentV2 {
+                payment: s.payment.clone(),
+                fraud_probability: s.fraud_probability,
+                is_fraud: s.is_fraud,
+                threshold: s.threshold,
+                model_name: s.model_name.clone(),
+                model_version: s.model_version.clone(),
+                scored_at: s.scored_at,
+            };
+            // A new record, read with the old schema.
+            let mut new_bytes = Vec::new();
+            write_scored_payment(&mut new_bytes, &s);
+            prop_assert_eq!(resolve_read::<ScoredPaymentV2>(SCORED_PAYMENT_SCHEMA_JSON, V2, &new_bytes), old);
+            // An old record (apache-avro, the old schema), read with the new one.
+            let old = ScoredPaymentV2 { ..resolve_read(SCORED_PAYMENT_SCHEMA_JSON, V2, &new_bytes) };
+            let old_bytes = reference_write(V2, &old);
+            let defaults = ScoredPayment { decision: None, reasons: Vec::new(), ..s.clone() };
+            prop_assert_eq!(&resolve_read::<ScoredPayment>(V2, SCORED_PAYMENT_SCHEMA_JSON, &old_bytes), &defaults);
+            prop_assert_eq!(read_scored_payment(&mut old_bytes.as_slice()), Ok(defaults));
         }
 
         /// On any bytes, including damaged payments, both accept the same bodies and read the same values.

@@ -19,6 +19,13 @@ use crate::payment::{Payment, ScoredPayment};
 pub const PAYMENT_SCHEMA_JSON: &str = include_str!("../../schemas/payment.avsc");
 /// `schemas/scored_payment.avsc`, verbatim.
 pub const SCORED_PAYMENT_SCHEMA_JSON: &str = include_str!("../../schemas/scored_payment.avsc");
+/// The Confluent schema id scorers write by default: moved on from 2 when
+/// `decision` and `reasons` were added (both with defaults, so readers of
+/// either schema read records of the other).
+pub const SCORED_PAYMENT_SCHEMA_ID: u32 = 3;
+/// The `ScoredPayment` schema before decisions (schema id 2), kept for the
+/// compatibility tests and for readers that registered it.
+pub const SCORED_PAYMENT_SCHEMA_V2_JSON: &str = include_str!("../../schemas/history/scored_payment-2.avsc");
 
 /// The Confluent wire format's first byte.
 const CONFLUENT_MAGIC: u8 = 0;
@@ -164,6 +171,8 @@ mod tests {
             model_name: "payfraud".into(),
             model_version: "1700000000".into(),
             scored_at: 1_700_000_000_200,
+            decision: None,
+            reasons: Vec::new(),
         }
     }
 

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub use store::{s3_client, ModelStore, S3Url, StoreError, VersionFiles};
 pub use torch::{device_name, Device, Model, ModelError};
 
+use crate::decision::DecisionBands;
 use crate::features::FeatureSpec;
 
 /// A model version: the unix seconds of its publication, as its folder
@@ -75,8 +76,17 @@ pub struct ModelManifest {
     /// Output tensor name: `classification`, float [-1, 2] = [P(legit), P(fraud)].
     pub output: String,
     pub feature_spec: FeatureSpec,
-    /// Decision threshold on P(fraud), chosen on validation data.
+    /// Decision threshold on P(fraud), chosen on validation data (`isFraud`).
     pub threshold: f64,
+    /// Review and block thresholds, chosen on validation data. Versions
+    /// published before them have none: both bands then start at `threshold`.
+    #[serde(default)]
+    pub decision_bands: Option<DecisionBands>,
+    /// Every feature's training reference (the training rows' mean), which
+    /// reason codes replace one group at a time. Empty in versions published
+    /// before reasons: those give none.
+    #[serde(default)]
+    pub feature_reference: Vec<f32>,
     /// Evaluation results (holdout and validation), as the trainer reports them.
     pub metrics: serde_json::Value,
     pub training_data: TrainingDataSummary,
@@ -118,6 +128,11 @@ pub async fn load_guarded(
 }
 
 impl ModelManifest {
+    /// The decision bands, or both at `threshold` for versions without them.
+    pub fn bands(&self) -> DecisionBands {
+        self.decision_bands.unwrap_or_else(|| DecisionBands::at_threshold(self.threshold))
+    }
+
     /// What a scorer checks before it loads a version from `dir`: the
     /// threshold is a probability, and `model.pt` is the file the manifest
     /// was published with.
@@ -125,6 +140,16 @@ impl ModelManifest {
         let invalid = |reason: String| ModelError::Invalid { version: self.version.clone(), reason };
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(invalid(format!("threshold {} is not a probability in [0, 1]", self.threshold)));
+        }
+        if let Some(bands) = &self.decision_bands {
+            bands.check().map_err(invalid)?;
+        }
+        if !self.feature_reference.is_empty() && self.feature_reference.len() != self.feature_spec.width() {
+            return Err(invalid(format!(
+                "feature_reference has {} values for {} features",
+                self.feature_reference.len(),
+                self.feature_spec.width()
+            )));
         }
         let Some(expected) = self.files.get(MODEL_FILE) else {
             return Err(invalid(format!(

@@ -48,6 +48,7 @@ pub use ticket::{Acks, InFlightLimits, Ticket};
 pub use transaction::{default_transactional_id, TransactionConfig};
 
 use crate::codec::{Codec, WireFormat};
+use crate::decision::Decision;
 use crate::kafka::KafkaArgs;
 use crate::payment::Payment;
 use crate::scoring::{ScoredBatch, ScoringError, ScoringService};
@@ -113,7 +114,7 @@ impl Default for PipelineConfig {
             output_topic: "payments-scored".into(),
             dead_letter_topic: "payments-dlq".into(),
             input_codec: Codec::new(WireFormat::Confluent, 1),
-            output_codec: Codec::new(WireFormat::Confluent, 2),
+            output_codec: Codec::new(WireFormat::Confluent, crate::codec::SCORED_PAYMENT_SCHEMA_ID),
             max_batch: 1024,
             max_delay: Duration::from_millis(2),
             max_in_flight: 100_000,
@@ -210,6 +211,8 @@ struct EventMetrics {
     end_to_end: metrics::Histogram,
     fraud_probability: metrics::Histogram,
     fraud_flagged: metrics::Counter,
+    /// Allow, review, block.
+    decisions: [metrics::Counter; 3],
 }
 
 impl EventMetrics {
@@ -221,7 +224,13 @@ impl EventMetrics {
             end_to_end: metrics::histogram!(metric::END_TO_END_SECONDS),
             fraud_probability: metrics::histogram!(metric::FRAUD_PROBABILITY),
             fraud_flagged: metrics::counter!(metric::FRAUD_FLAGGED),
+            decisions: [Decision::Allow, Decision::Review, Decision::Block]
+                .map(|d| metrics::counter!(metric::DECISIONS, "decision" => d.as_str())),
         }
+    }
+
+    fn decided(&self, decision: Decision) -> &metrics::Counter {
+        &self.decisions[decision as usize]
     }
 }
 
@@ -359,7 +368,7 @@ async fn submit(
             Err(error) => events.push((event, Some(error))),
         }
     }
-    let reply = match scoring.submit(payments).await {
+    let reply = match scoring.submit(payments, crate::scoring::Explain::AtReview).await {
         Ok(reply) => reply,
         Err(e) => {
             let (tx, rx) = oneshot::channel();

@@ -352,13 +352,13 @@ impl Sink {
         // One output value per batch, its payment and score replaced per
         // event: the model's name and version are not copied per event.
         let mut reused: Option<crate::payment::ScoredPayment> = None;
-        let mut scores = batch.payments.into_iter().zip(batch.results);
+        let mut scores = batch.payments.into_iter().zip(batch.results).zip(batch.reasons);
         for (event, undecodable) in events {
             if let Some(error) = undecodable {
                 self.dead_letter(event, now_ms(), DeadLetterReason::Undecodable, &error).await;
                 continue;
             }
-            let Some((payment, result)) = scores.next() else {
+            let Some(((payment, result), reasons)) = scores.next() else {
                 return; // fewer scores than payments: the remaining tickets drop, the pipeline stops
             };
             match result {
@@ -367,13 +367,16 @@ impl Sink {
                     let output = match reused.as_mut() {
                         Some(output) => {
                             output.payment = payment;
-                            (output.fraud_probability, output.is_fraud) = batch.model.decide(p[1]);
+                            batch.model.rescore(output, p[1], reasons);
                             output
                         }
-                        None => reused.insert(batch.model.verdict(payment, p[1], scored_at)),
+                        None => reused.insert(batch.model.verdict(payment, p[1], reasons, scored_at)),
                     };
                     let metrics = &self.producer.context().metrics;
                     metrics.fraud_probability.record(output.fraud_probability);
+                    if let Some(decision) = output.decision {
+                        metrics.decided(decision).increment(1);
+                    }
                     if output.is_fraud {
                         metrics.fraud_flagged.increment(1);
                         counters.flagged.fetch_add(1, Ordering::Relaxed);

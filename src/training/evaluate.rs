@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::decision::{BandEdge, DecisionBands};
+
 /// Counts at one decision threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Confusion {
@@ -182,6 +184,30 @@ pub fn choose_threshold(scores: &[f32], labels: &[bool], target_precision: Optio
     chosen.map_or(0.5, |p| p.threshold)
 }
 
+/// The decision bands on validation `scores`: review at the highest
+/// threshold whose recall reaches `review_recall` (the fewest reviews that
+/// catch that much fraud), block at the lowest threshold whose precision
+/// reaches `block_precision` (or, where none does, the most precise one), and
+/// never below review.
+pub fn choose_bands(scores: &[f32], labels: &[bool], review_recall: f64, block_precision: f64) -> DecisionBands {
+    let points = sweep(scores, labels);
+    let positives = labels.iter().filter(|y| **y).count() as u64;
+    let edge = |p: &SweepPoint| BandEdge {
+        threshold: p.threshold,
+        precision: p.tp as f64 / (p.tp + p.fp) as f64,
+        recall: ratio(p.tp, positives),
+    };
+    let none = BandEdge { threshold: 0.5, precision: f64::NAN, recall: f64::NAN };
+    let review = points.iter().find(|p| edge(p).recall >= review_recall).map_or(none, edge);
+    let block = points
+        .iter()
+        .rfind(|p| edge(p).precision >= block_precision)
+        .or_else(|| points.iter().max_by(|a, b| edge(a).precision.total_cmp(&edge(b).precision)))
+        .map_or(none, edge);
+    let block = if block.threshold < review.threshold { review } else { block };
+    DecisionBands { review, block, review_recall_target: review_recall, block_precision_target: block_precision }
+}
+
 /// Points of a curve, (x, y).
 pub type Curve = Vec<(f64, f64)>;
 
@@ -219,6 +245,27 @@ mod tests {
         let inverted = Evaluation::new(&scores, &[false, false, true, true], 0.5);
         assert_eq!(inverted.roc_auc, 0.0);
         assert_eq!(inverted.f1, 0.0);
+    }
+
+    #[test]
+    fn bands_are_chosen_as_specified_on_a_fixed_set() {
+        let scores = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2];
+        let labels = [true, true, true, false, true, false, true, false, false, false];
+        let edge = |b: BandEdge| (b.threshold as f32, (b.precision * 1e4).round() / 1e4, b.recall);
+        let b = choose_bands(&scores, &labels, 0.95, 0.95);
+        // Review: the highest threshold catching >= 95% of the 5 frauds: all 5 at 0.5 (5 TP, 2 FP).
+        assert_eq!(edge(b.review), (0.5, 0.7143, 1.0));
+        // Block: the lowest threshold still >= 95% precise: 0.85 (3 TP, 0 FP).
+        assert_eq!(edge(b.block), (0.85, 1.0, 0.6));
+        assert_eq!((b.review_recall_target, b.block_precision_target), (0.95, 0.95));
+        let b = choose_bands(&scores, &labels, 0.8, 0.8);
+        assert_eq!((edge(b.review), edge(b.block)), ((0.7, 0.8, 0.8), (0.7, 0.8, 0.8)));
+        // A block edge that would fall below review is raised to it.
+        let b = choose_bands(&scores, &labels, 0.5, 0.7);
+        assert_eq!((b.review.threshold as f32, b.block.threshold as f32), (0.85, 0.85));
+        // No threshold reaches the precision: the most precise one, lowest first.
+        let b = choose_bands(&[0.9, 0.8, 0.7], &[false, true, false], 0.95, 0.95);
+        assert_eq!(edge(b.block), (0.8, 0.5, 1.0));
     }
 
     #[test]

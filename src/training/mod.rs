@@ -19,7 +19,8 @@ use crate::{FeatureEncoder, FeatureSpec, Payment};
 use serde_json::json;
 
 use crate::training::data::{DataSource, TimeSplit};
-use crate::training::evaluate::{choose_threshold, Evaluation};
+use crate::features::AmountScale;
+use crate::training::evaluate::{choose_bands, choose_threshold, Evaluation};
 use crate::training::train::{Architecture, TrainConfig};
 
 /// Why a training run failed: each names the input or the step, and the
@@ -62,9 +63,33 @@ pub struct TrainerOptions {
     pub model_name: String,
     pub device: Device,
     pub target_precision: Option<f64>,
+    /// The validation recall the review band must reach.
+    pub review_recall: f64,
+    /// The validation precision the block band must reach.
+    pub block_precision: f64,
+    /// How the amount feature is scaled.
+    pub amount_scale: AmountScale,
     /// Publish even if the current champion is better on the holdout.
     pub force: bool,
     pub train: TrainConfig,
+}
+
+/// The defaults of `fraudstream-trainer`'s flags (on the simulator's data).
+impl Default for TrainerOptions {
+    fn default() -> Self {
+        Self {
+            data: DataSource::Simulator { rows: 594_643, seed: 42 },
+            model_store: "models".into(),
+            model_name: "payfraud".into(),
+            device: Device::Auto,
+            target_precision: None,
+            review_recall: crate::decision::DEFAULT_REVIEW_RECALL,
+            block_precision: crate::decision::DEFAULT_BLOCK_PRECISION,
+            amount_scale: AmountScale::Fixed,
+            force: false,
+            train: TrainConfig::default(),
+        }
+    }
 }
 
 /// What a run decided.
@@ -117,7 +142,7 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         sha256: data::content_hash(&payments),
     };
     let split = TimeSplit::new(payments, 0.7, 0.15)?;
-    let spec = FeatureSpec::fit(&split.train);
+    let spec = FeatureSpec::for_training(options.amount_scale, &split.train);
     let encoder = FeatureEncoder::new(spec.clone());
     let width = encoder.width();
     let train_x = encode(&encoder, &split.train, "train")?;
@@ -162,7 +187,9 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
     )?;
     let training_seconds = started.elapsed().as_secs_f64();
 
-    let threshold = choose_threshold(&mlp.score(&val_x), &val_y, options.target_precision);
+    let val_scores = mlp.score(&val_x);
+    let threshold = choose_threshold(&val_scores, &val_y, options.target_precision);
+    let bands = choose_bands(&val_scores, &val_y, options.review_recall, options.block_precision);
     let model_scores = mlp.score(&hold_x);
     let holdout = Evaluation::new(&model_scores, &hold_y, threshold);
     let base_threshold = choose_threshold(&baseline.score(&val_x), &val_y, options.target_precision);
@@ -207,6 +234,8 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         output: OUTPUT_NAME.into(),
         feature_spec: spec,
         threshold,
+        decision_bands: Some(bands),
+        feature_reference: crate::decision::feature_reference(&train_x, width),
         metrics: metrics.clone(),
         training_data: summary.clone(),
         trainer_version: env!("CARGO_PKG_VERSION").into(),
@@ -286,6 +315,7 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
             baseline_scores: &baseline_scores,
             labels: &hold_y,
             history: &history,
+            bands: &bands,
         })?);
         debug_assert!(files.iter().all(|(name, _)| *name != MANIFEST_FILE));
         store.publish(&manifest, &files).await?;

@@ -3,6 +3,7 @@
 
 use plotters::prelude::*;
 
+use crate::decision::DecisionBands;
 use crate::training::evaluate::{curves, Evaluation};
 use crate::training::train::EpochLog;
 use crate::training::{Result, TrainingError};
@@ -17,7 +18,10 @@ fn plot_err<E: std::fmt::Display>(e: E) -> TrainingError {
 /// A named line of a chart.
 type Series<'a> = (&'a str, &'a [(f64, f64)], RGBColor);
 
-fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) -> Result<String> {
+/// A labelled point drawn over a chart.
+type Mark<'a> = (&'a str, (f64, f64), RGBColor);
+
+fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>], marks: &[Mark<'_>]) -> Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (560, 420)).into_drawing_area();
@@ -37,6 +41,14 @@ fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) 
                 .map_err(plot_err)?
                 .label(*name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+        }
+        for (name, point, color) in marks {
+            let color = *color;
+            chart
+                .draw_series(std::iter::once(Circle::new(*point, 6, color.filled())))
+                .map_err(plot_err)?
+                .label(*name)
+                .legend(move |(x, y)| Circle::new((x + 8, y), 5, color.filled()));
         }
         chart
             .configure_series_labels()
@@ -111,6 +123,8 @@ pub struct ReportInput<'a> {
     pub baseline_scores: &'a [f32],
     pub labels: &'a [bool],
     pub history: &'a [EpochLog],
+    /// The decision bands chosen on validation data.
+    pub bands: &'a DecisionBands,
 }
 
 /// Renders `report.md` and its three SVG plots.
@@ -122,12 +136,17 @@ pub fn render(input: &ReportInput<'_>) -> Result<ReportFiles> {
         "recall",
         "precision",
         &[("MLP", &model_pr, RED), ("logistic baseline", &base_pr, BLUE)],
+        &[
+            ("review edge (validation)", (input.bands.review.recall, input.bands.review.precision), MAGENTA),
+            ("block edge (validation)", (input.bands.block.recall, input.bands.block.precision), BLACK),
+        ],
     )?;
     let roc = line_chart(
         "ROC (holdout)",
         "false-positive rate",
         "true-positive rate",
         &[("MLP", &model_roc, RED), ("logistic baseline", &base_roc, BLUE)],
+        &[],
     )?;
     let hist = histogram_svg(input.model_scores, input.labels)?;
 
@@ -159,6 +178,11 @@ pub fn render(input: &ReportInput<'_>) -> Result<ReportFiles> {
             c.false_negatives
         ));
     }
+    let b = input.bands;
+    md.push_str("\n## Decision bands (chosen on validation data)\n\n| decision | P(fraud) from | chosen for | validation precision | validation recall |\n|---|---|---|---|---|\n");
+    md.push_str(&format!("| allow | 0 | | | |\n| review | {:.4} | recall >= {} | {:.4} | {:.4} |\n| block | {:.4} | precision >= {} | {:.4} | {:.4} |\n",
+        b.review.threshold, b.review_recall_target, b.review.precision, b.review.recall,
+        b.block.threshold, b.block_precision_target, b.block.precision, b.block.recall));
     md.push_str("\n![precision-recall](pr.svg)\n![ROC](roc.svg)\n![score histogram](scores.svg)\n\n## Training\n\n| epoch | loss | validation AP |\n|---|---|---|\n");
     for log in input.history {
         md.push_str(&format!("| {} | {:.5} | {:.4} |\n", log.epoch, log.loss, log.validation_ap));

@@ -47,6 +47,7 @@ pub async fn train_and_publish(store: &str, rows: u64, seed: u64, force: bool) -
         target_precision: None,
         force,
         train: TrainConfig { seed, max_epochs: 8, ..TrainConfig::default() },
+        ..TrainerOptions::default()
     })
     .await
     .expect("training run")
@@ -151,4 +152,52 @@ pub async fn read_topic(
         }
     }
     out
+}
+
+/// Reason codes for `payment`, computed here without fraudstream's reason
+/// code: the payment's row, and one copy per feature group (the original
+/// demo's layout, written out) with that group's columns set to the
+/// version's training reference, scored in one forward pass; each group's
+/// contribution is P(fraud) minus its copy's, the three largest first.
+pub fn independent_reasons(model: &fraudstream::model::Model, payment: &fraudstream::Payment) -> Vec<(String, String, f64)> {
+    let groups: [(&str, std::ops::Range<usize>, String); 4] = [
+        ("amount", 0..1, format!("{:.2}", payment.amount)),
+        ("category", 1..16, payment.category.clone()),
+        ("age", 16..24, payment.age.clone()),
+        ("gender", 24..28, payment.gender.clone()),
+    ];
+    let reference = &model.manifest().feature_reference;
+    assert_eq!(reference.len(), 28, "the version has no training reference");
+    let row = model.encoder().encode(payment).unwrap();
+    let mut rows = row.clone();
+    for (_, columns, _) in &groups {
+        let mut copy = row.clone();
+        copy[columns.clone()].copy_from_slice(&reference[columns.clone()]);
+        rows.extend(copy);
+    }
+    let scores = model.predict(&rows, 5).unwrap();
+    let mut reasons: Vec<(String, String, f64)> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _, value))| (name.to_string(), value.clone(), f64::from(scores[0][1]) - f64::from(scores[i + 1][1])))
+        .collect();
+    reasons.sort_by(|a, b| b.2.total_cmp(&a.2));
+    reasons.truncate(3);
+    reasons
+}
+
+/// Asserts that `reasons` are `expected` (names and values exactly, contributions within 1e-5).
+pub fn assert_reasons(reasons: &[fraudstream::decision::Reason], expected: &[(String, String, f64)], what: &str) {
+    let got: Vec<(&str, &str)> = reasons.iter().map(|r| (r.feature.as_str(), r.value.as_str())).collect();
+    let want: Vec<(&str, &str)> = expected.iter().map(|(f, v, _)| (f.as_str(), v.as_str())).collect();
+    // Groups with (nearly) equal contributions may come in either order.
+    let close = reasons.iter().zip(expected).all(|(r, (_, _, c))| (r.contribution - c).abs() <= 1e-5);
+    assert!(got.len() == want.len() && close, "{what}: reasons {reasons:?}, expected {expected:?}");
+    if got != want {
+        let mut a = got.clone();
+        let mut b = want.clone();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{what}: reasons {reasons:?}, expected {expected:?}");
+    }
 }

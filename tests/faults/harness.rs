@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use fraudstream::codec::{Codec, WireFormat};
 use fraudstream::kafka::KafkaArgs;
+use fraudstream::decision::Decision;
 use fraudstream::model::Model;
 use fraudstream::{Payment, ScoredPayment, Simulator};
 use rdkafka::message::OwnedMessage;
@@ -273,8 +274,10 @@ pub struct Verified {
 /// The check every scenario ends with. No valid payment is lost, and every
 /// output is right: it carries the payment that was sent, unchanged; its
 /// probability is what the version it names gives for that payment (within
-/// 1e-6, recomputed here from the version in `store`); its threshold and
-/// decision are that version's. Duplicates are counted and printed.
+/// 1e-6, recomputed here from the version in `store`); its threshold,
+/// `isFraud` and decision are that version's; payments at or above the
+/// review band carry reasons equal to an independent computation (1e-5),
+/// the others none. Duplicates are counted and printed.
 pub fn verify_outputs(sent: &[Payment], messages: &[OwnedMessage], store: &Path, scenario: &str) -> Verified {
     let by_id: HashMap<&str, &Payment> = sent.iter().map(|p| (p.payment_id.as_str(), p)).collect();
     let scored: Vec<ScoredPayment> = messages
@@ -292,6 +295,7 @@ pub fn verify_outputs(sent: &[Payment], messages: &[OwnedMessage], store: &Path,
     );
 
     let mut versions: HashMap<String, Vec<&ScoredPayment>> = HashMap::new();
+    let mut explained = 0;
     for s in &scored {
         let original = by_id.get(s.payment.payment_id.as_str()).unwrap_or_else(|| {
             panic!("{scenario}: an output for payment {:?}, which was never sent", s.payment.payment_id)
@@ -314,13 +318,23 @@ pub fn verify_outputs(sent: &[Payment], messages: &[OwnedMessage], store: &Path,
                 s.fraud_probability
             );
             assert_eq!(s.threshold, threshold, "{scenario}: wrong threshold for version {version}");
-            assert_eq!(s.is_fraud, s.fraud_probability >= threshold, "{scenario}: decision disagrees with threshold");
+            assert_eq!(s.is_fraud, s.fraud_probability >= threshold, "{scenario}: isFraud disagrees with threshold");
+            let decision = model.manifest().bands().decide(s.fraud_probability);
+            assert_eq!(s.decision, Some(decision), "{scenario}: payment {} has the wrong decision", s.payment.payment_id);
+            if decision == Decision::Allow {
+                assert!(s.reasons.is_empty(), "{scenario}: reasons for an allowed payment: {s:?}");
+            } else {
+                let expected = common::independent_reasons(&model, &s.payment);
+                common::assert_reasons(&s.reasons, &expected, &format!("{scenario}: payment {}", s.payment.payment_id));
+                explained += 1;
+            }
         }
     }
     let duplicates = scored.len() - seen.len();
     let versions: HashMap<String, usize> = versions.into_iter().map(|(v, o)| (v, o.len())).collect();
     eprintln!(
-        "{scenario}: {} payments, {} outputs, {duplicates} duplicates, 0 lost, every output right (versions {versions:?})",
+        "{scenario}: {} payments, {} outputs, {duplicates} duplicates, 0 lost, every output right \
+         ({explained} with reasons, each recomputed; versions {versions:?})",
         sent.len(),
         scored.len()
     );

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Parser;
 use cli::choice;
+use fraudstream::features::AmountScale;
 use fraudstream::model::Device;
 use fraudstream::telemetry::{init_logging, LogFormat};
 use fraudstream::training::data::DataSource;
@@ -44,6 +45,15 @@ struct Cli {
     /// Choose the decision threshold as the lowest reaching this precision on validation (default: best F1).
     #[arg(long, value_name = "P", env = "FRAUDSTREAM_TARGET_PRECISION")]
     target_precision: Option<f64>,
+    /// The review band starts at the highest threshold reaching this recall on validation.
+    #[arg(long, value_name = "R", env = "FRAUDSTREAM_REVIEW_RECALL", default_value_t = TrainerOptions::default().review_recall)]
+    review_recall: f64,
+    /// The block band starts at the lowest threshold reaching this precision on validation.
+    #[arg(long, value_name = "P", env = "FRAUDSTREAM_BLOCK_PRECISION", default_value_t = TrainerOptions::default().block_precision)]
+    block_precision: f64,
+    /// How the amount feature is scaled.
+    #[arg(long, env = "FRAUDSTREAM_AMOUNT_SCALE", value_parser = choice::<AmountScale>(), default_value = "fixed")]
+    amount_scale: AmountScale,
     /// Publish even if the current champion scores a better holdout AP.
     #[arg(long, env = "FRAUDSTREAM_FORCE")]
     force: bool,
@@ -104,6 +114,9 @@ async fn main() -> Result<()> {
         model_name: cli.model_name,
         device: cli.device,
         target_precision: cli.target_precision,
+        review_recall: cli.review_recall,
+        block_precision: cli.block_precision,
+        amount_scale: cli.amount_scale,
         force: cli.force,
         train: TrainConfig {
             max_epochs: cli.max_epochs,
