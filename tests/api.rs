@@ -364,4 +364,8 @@ async fn an_output_that_is_not_a_probability_is_an_error_not_a_score() {
     let big = Payment { amount: 1e6, ..demo_payment() };
     let (status, body) = post(&score, json!({"instances": [big]})).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    // The swap changed the feature spec (no clip): logged and counted.
+    let metrics = reqwest::get(format!("{}/metrics", s.base)).await.unwrap().text().await.unwrap();
+    let changes = metrics.lines().find(|l| l.starts_with("fraudstream_feature_spec_changes_total"));
+    assert!(changes.is_some_and(|l| !l.ends_with(" 0")), "{changes:?}");
 }
