@@ -103,9 +103,12 @@ async fn ready(State(s): State<ApiState>) -> Response {
     let partitions = s.pipeline.as_ref().map(|p| p.assigned_partitions());
     let failure = s.pipeline.as_ref().and_then(|p| p.failure().map(|f| f.to_string()));
     let waiting = s.pipeline.as_ref().and_then(|p| p.waiting());
-    let is_ready = model.is_some() && partitions.is_none_or(|n| n > 0) && failure.is_none();
+    let stalled = s.pipeline.as_ref().and_then(|p| p.stalled());
+    let is_ready = model.is_some() && partitions.is_none_or(|n| n > 0) && failure.is_none() && stalled.is_none();
     let reason = if let Some(failure) = &failure {
         Some(format!("the pipeline failed and is stopping: {failure}"))
+    } else if let Some(stalled) = stalled {
+        Some(format!("waiting: {stalled}"))
     } else if model.is_none() {
         Some("no model loaded yet".to_string())
     } else if partitions == Some(0) {

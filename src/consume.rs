@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::Message;
+use tokio_util::sync::CancellationToken;
 
 use crate::codec::Codec;
 use crate::kafka::KafkaArgs;
@@ -61,6 +62,8 @@ impl crate::choice::Choice for Isolation {
 pub struct ConsumeOptions {
     pub topic: String,
     pub codec: Codec,
+    /// With a schema registry: each record read by its writer schema.
+    pub schemas: Option<std::sync::Arc<crate::registry::WriterSchemas>>,
     pub kind: EventKind,
     /// Start at the earliest offset (else only new events).
     pub from_beginning: bool,
@@ -89,6 +92,19 @@ pub enum ConsumeError {
     Kafka { brokers: String, source: rdkafka::error::KafkaError },
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Reads `payload` by its writer schema (with a registry) or with the codec.
+fn decode<T: serde::de::DeserializeOwned>(
+    options: &ConsumeOptions,
+    payload: &[u8],
+    with_codec: fn(&Codec, &[u8]) -> Result<T, crate::codec::CodecError>,
+) -> Result<T, String> {
+    let fast = |bytes: &[u8]| with_codec(&options.codec, bytes).map_err(|e| e.to_string());
+    match options.schemas.as_ref().and_then(|s| s.read(payload, fast)) {
+        Some(read) => read.map_err(|e| e.to_string()),
+        None => fast(payload),
+    }
 }
 
 /// Prints events of `options.topic` as JSON lines to `out` until a limit is hit.
@@ -125,9 +141,13 @@ pub async fn print_events(
         let Some(message) = next else { break };
         let message = message.map_err(kafka_err)?;
         let payload = message.payload().unwrap_or_default();
+        if let Some(schemas) = &options.schemas {
+            let never = CancellationToken::new();
+            schemas.learn([payload], &never, |_| {}).await;
+        }
         let line = match options.kind {
-            EventKind::Payment => options.codec.decode_payment(payload).map(|p| serde_json::to_string(&p)),
-            EventKind::Scored => options.codec.decode_scored(payload).map(|s| {
+            EventKind::Payment => decode(options, payload, Codec::decode_payment).map(|p| serde_json::to_string(&p)),
+            EventKind::Scored => decode(options, payload, Codec::decode_scored).map(|s| {
                 let keep = (!options.frauds_only || s.is_fraud)
                     && options.min_probability.is_none_or(|min| s.fraud_probability >= min);
                 if keep {

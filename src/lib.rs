@@ -19,6 +19,7 @@ pub mod model_watch;
 pub mod payment;
 pub mod pipeline;
 pub mod produce;
+pub mod registry;
 pub mod scorer;
 pub mod scoring;
 pub mod simulate;

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -16,6 +17,8 @@ use fraudstream::model_watch::WatchConfig;
 use fraudstream::payment::BankSimReader;
 use fraudstream::pipeline::{default_transactional_id, Delivery, GuardLimits, PipelineConfig, TransactionConfig};
 use fraudstream::produce::{create_producer, publish_payments, PublishOptions};
+use fraudstream::codec::{PAYMENT_SCHEMA_JSON, SCORED_PAYMENT_SCHEMA_JSON};
+use fraudstream::registry::{value_subject, RegistryConfig, SchemaRegistry, WriterSchemas};
 use fraudstream::scorer::{ScorerConfig, ScorerParts};
 use fraudstream::telemetry::{init_logging, LogFormat};
 use fraudstream::{Codec, FeatureEncoder, FeatureSpec, Payment, Simulator, WireFormat};
@@ -96,7 +99,12 @@ struct ScoreArgs {
     /// Wire format of scored payments.
     #[arg(long, env = "FRAUDSTREAM_OUTPUT_FORMAT", value_parser = choice::<WireFormat>(), default_value = "confluent")]
     output_format: WireFormat,
-    /// Schema id written into Confluent headers of scored payments.
+    /// Confluent Schema Registry: register the output schema under `<output topic>-value` and write
+    /// its id; read input by each record's writer schema. Basic auth from
+    /// SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO (user:password), a CA from SCHEMA_REGISTRY_CA_LOCATION.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    schema_registry_url: Option<String>,
+    /// Schema id written into Confluent headers of scored payments (without a registry).
     #[arg(long, env = "FRAUDSTREAM_SCHEMA_ID", default_value_t = fraudstream::codec::SCORED_PAYMENT_SCHEMA_ID)]
     output_schema_id: u32,
     #[command(flatten)]
@@ -248,14 +256,27 @@ struct WireArgs {
     /// Wire format of the events.
     #[arg(long, env = "FRAUDSTREAM_FORMAT", value_parser = choice::<WireFormat>(), default_value = "confluent")]
     format: WireFormat,
-    /// Schema id written into the Confluent header.
+    /// Schema id written into the Confluent header (without a registry).
     #[arg(long, env = "FRAUDSTREAM_SCHEMA_ID", default_value_t = 1)]
     schema_id: u32,
+    /// Confluent Schema Registry: writers register their schema under `<topic>-value`, readers
+    /// resolve each record's writer schema. Basic auth from SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO
+    /// (user:password), a CA from SCHEMA_REGISTRY_CA_LOCATION.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    schema_registry_url: Option<String>,
 }
 
 impl WireArgs {
     fn codec(&self) -> Codec {
         Codec::new(self.format, self.schema_id)
+    }
+
+    /// The registry, when one is given and the format is Confluent's.
+    fn registry(&self) -> Result<Option<SchemaRegistry>> {
+        match (&self.schema_registry_url, self.format) {
+            (Some(url), WireFormat::Confluent) => Ok(Some(SchemaRegistry::new(RegistryConfig::from_env(url))?)),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -431,9 +452,22 @@ async fn produce(args: ProduceArgs) -> Result<()> {
     let kafka = KafkaArgs::from(args.kafka);
     ensure_topics(&kafka, &[&args.topic], args.partitions).await?;
     let producer = create_producer(&kafka)?;
+    let codec = match args.wire.registry()? {
+        None => args.wire.codec(),
+        Some(registry) => {
+            let subject = value_subject(&args.topic);
+            let stop = CancellationToken::new();
+            cancel_on_signal(stop.clone());
+            let Some(id) = registry.register_until(&subject, PAYMENT_SCHEMA_JSON, &stop, |_| {}).await? else {
+                return Ok(());
+            };
+            eprintln!("schema registry {}: Payment schema registered under {subject} as id {id}", registry.url());
+            Codec::new(WireFormat::Confluent, id)
+        }
+    };
     let options = PublishOptions {
         topic: args.topic.clone(),
-        codec: args.wire.codec(),
+        codec,
         rate: args.rate,
         stamp_event_time: !args.keep_event_time,
     };
@@ -474,9 +508,15 @@ async fn produce(args: ProduceArgs) -> Result<()> {
 }
 
 async fn consume(args: ConsumeArgs) -> Result<()> {
+    let schema = match args.kind {
+        EventKind::Payment => PAYMENT_SCHEMA_JSON,
+        EventKind::Scored => SCORED_PAYMENT_SCHEMA_JSON,
+    };
+    let schemas = args.wire.registry()?.map(|registry| Arc::new(WriterSchemas::new(registry, schema)));
     let options = ConsumeOptions {
         topic: args.topic,
         codec: args.wire.codec(),
+        schemas,
         kind: args.kind,
         from_beginning: !args.latest,
         min_probability: args.min_probability,
@@ -501,6 +541,7 @@ async fn score(args: ScoreArgs) -> Result<()> {
     let transactional_id = args.transactional_id.unwrap_or_else(|| default_transactional_id(&args.group_id));
     let config = ScorerConfig {
         pipeline: PipelineConfig {
+            schema_registry: args.schema_registry_url.map(RegistryConfig::from_env),
             kafka: args.kafka.into(),
             group_id: args.group_id,
             input_topic: args.input_topic,

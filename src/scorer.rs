@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{router, ApiState};
+use crate::codec::{Codec, WireFormat, SCORED_PAYMENT_SCHEMA_JSON};
+use crate::registry::{value_subject, SchemaRegistry};
 use crate::kafka::ensure_topics;
 use crate::model_watch::{ModelWatcher, WatchConfig};
 use crate::pipeline::{PipelineConfig, PipelineCounters, PipelineError, PipelineState};
@@ -57,6 +59,8 @@ pub enum ScorerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error("registering the output schema: {0}; fix the schema's compatibility setting or subject in the registry")]
+    Registry(crate::registry::RegistryError),
 }
 
 /// A running scorer's shared parts, for callers that watch it (the demo, tests).
@@ -75,6 +79,31 @@ impl ScorerParts {
             counters: Arc::new(PipelineCounters::default()),
         }
     }
+}
+
+/// With a schema registry and Confluent output: registers the output schema
+/// under `<output topic>-value` (waiting while the registry is unreachable,
+/// not ready meanwhile) and returns the codec that writes its id. A registry
+/// that refuses the schema stops the scorer here, before anything is read.
+async fn register_output_schema(
+    config: &PipelineConfig,
+    parts: &ScorerParts,
+    shutdown: &CancellationToken,
+) -> Result<Option<Codec>, ScorerError> {
+    let (Some(registry), WireFormat::Confluent) = (&config.schema_registry, config.output_codec.format()) else {
+        return Ok(None);
+    };
+    let registry = SchemaRegistry::new(registry.clone()).map_err(ScorerError::Registry)?;
+    let subject = value_subject(&config.output_topic);
+    let state = &parts.state;
+    let id = registry
+        .register_until(&subject, SCORED_PAYMENT_SCHEMA_JSON, shutdown, |why| state.set_stalled(why))
+        .await
+        .map_err(ScorerError::Registry)?;
+    if let Some(id) = id {
+        tracing::info!(registry = registry.url(), subject, id, "output schema registered");
+    }
+    Ok(id.map(|id| Codec::new(WireFormat::Confluent, id)))
 }
 
 /// Most in-process rewinds within [`REWIND_WINDOW`]; one more exits instead.
@@ -119,7 +148,7 @@ async fn run_pipeline(
 
 /// Runs the scorer until `shutdown` is cancelled or its pipeline fails; then
 /// drains, commits and returns (the failure, for a non-zero exit).
-pub async fn run(config: ScorerConfig, parts: ScorerParts, shutdown: CancellationToken) -> Result<(), ScorerError> {
+pub async fn run(mut config: ScorerConfig, parts: ScorerParts, shutdown: CancellationToken) -> Result<(), ScorerError> {
     parts.scoring.set_reasons(config.reasons);
     // HTTP first, so /healthz answers (and /readyz says why not) while we wait for a model.
     let http = match config.http_addr {
@@ -153,6 +182,11 @@ pub async fn run(config: ScorerConfig, parts: ScorerParts, shutdown: Cancellatio
         if let Err(e) = ensure_topics(&config.pipeline.kafka, &topics, partitions).await {
             tracing::warn!(error = %e, "could not create the output topics; assuming they are managed elsewhere");
         }
+    }
+    match register_output_schema(&config.pipeline, &parts, &shutdown).await? {
+        Some(codec) => config.pipeline.output_codec = codec,
+        None if shutdown.is_cancelled() => return Ok(()),
+        None => {}
     }
     let watch = tokio::spawn(watcher.watch(shutdown.clone()));
     let result = run_pipeline(config.pipeline, &parts, &shutdown).await;

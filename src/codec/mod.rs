@@ -28,7 +28,7 @@ pub const SCORED_PAYMENT_SCHEMA_ID: u32 = 3;
 pub const SCORED_PAYMENT_SCHEMA_V2_JSON: &str = include_str!("../../schemas/history/scored_payment-2.avsc");
 
 /// The Confluent wire format's first byte.
-const CONFLUENT_MAGIC: u8 = 0;
+pub(crate) const CONFLUENT_MAGIC: u8 = 0;
 
 /// How events are laid out on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +73,10 @@ pub struct Codec {
 impl Codec {
     pub const fn new(format: WireFormat, schema_id: u32) -> Self {
         Self { format, schema_id }
+    }
+
+    pub fn format(&self) -> WireFormat {
+        self.format
     }
 
     pub fn encode_payment(&self, payment: &Payment) -> Result<Vec<u8>, CodecError> {

@@ -48,6 +48,7 @@ pub use ticket::{Acks, InFlightLimits, Ticket};
 pub use transaction::{default_transactional_id, TransactionConfig};
 
 use crate::codec::{Codec, WireFormat};
+use crate::registry::{RegistryConfig, SchemaRegistry, WriterSchemas};
 use crate::decision::Decision;
 use crate::kafka::KafkaArgs;
 use crate::payment::Payment;
@@ -99,6 +100,9 @@ pub struct PipelineConfig {
     pub delivery: Delivery,
     /// Exactly-once only: the transactional id and when transactions commit.
     pub transaction: TransactionConfig,
+    /// Where writer schemas of Confluent-format input are looked up; the
+    /// output schema is registered there by the scorer.
+    pub schema_registry: Option<RegistryConfig>,
     /// Benchmarks only (no flag sets it): forward every input event unchanged
     /// to the output topic, without decoding or scoring, through the same
     /// consumer, tickets and producer: the baseline for the Kafka ceiling.
@@ -123,6 +127,7 @@ impl Default for PipelineConfig {
             dead_letter_guard: GuardLimits::default(),
             delivery: Delivery::AtLeastOnce,
             transaction: TransactionConfig::default(),
+            schema_registry: None,
             relay_baseline: false,
         }
     }
@@ -134,6 +139,8 @@ pub struct PipelineState {
     assigned: Mutex<HashSet<(String, i32)>>,
     /// Why nothing is being consumed although the pipeline runs (e.g. no input topic yet).
     waiting: Mutex<Option<String>>,
+    /// A dependency the pipeline waits for (an unreachable schema registry): not ready meanwhile.
+    stalled: Mutex<Option<String>>,
     /// The current run's failure record (a rewind starts a fresh one).
     failure: Mutex<Arc<Failure>>,
     delivery: std::sync::OnceLock<Delivery>,
@@ -159,6 +166,16 @@ impl PipelineState {
 
     fn set_waiting(&self, reason: Option<String>) {
         *self.waiting.lock().expect("waiting lock") = reason;
+    }
+
+    /// Records (or clears) what the pipeline waits for.
+    pub fn set_stalled(&self, reason: Option<String>) {
+        *self.stalled.lock().expect("stalled lock") = reason;
+    }
+
+    /// What the pipeline waits for, if anything.
+    pub fn stalled(&self) -> Option<String> {
+        self.stalled.lock().expect("stalled lock").clone()
     }
 
     /// Why the pipeline is not consuming, if it says.
@@ -202,6 +219,8 @@ pub enum PipelineError {
     Kafka { brokers: String, source: KafkaError },
     #[error(transparent)]
     Failed(#[from] PipelineFailure),
+    #[error(transparent)]
+    Registry(crate::registry::RegistryError),
 }
 
 /// Handles of the per-event metrics, looked up once: the `metrics` macros
@@ -253,6 +272,13 @@ pub async fn run(
     let sink =
         Arc::new(Sink::create(&config, failure.clone(), EventMetrics::new(), counters.clone()).map_err(kafka_err)?);
     let events_in = metrics::counter!(metric::EVENTS_IN);
+    let schemas = match (&config.schema_registry, config.input_codec.format()) {
+        (Some(registry), WireFormat::Confluent) => {
+            let registry = SchemaRegistry::new(registry.clone()).map_err(PipelineError::Registry)?;
+            Some(Arc::new(WriterSchemas::new(registry, crate::codec::PAYMENT_SCHEMA_JSON)))
+        }
+        _ => None,
+    };
 
     // Stop on shutdown or on the first failure, whichever comes first.
     let stop = CancellationToken::new();
@@ -275,7 +301,8 @@ pub async fn run(
         let (chunk_tx, chunk_rx) = mpsc::channel::<Vec<Event>>(16);
         let (batch_tx, batch_rx) = mpsc::channel::<Pending>(8);
         let policy = BatchPolicy { max_batch: config.max_batch.max(1), max_delay: config.max_delay };
-        let batching = tokio::spawn(batch(chunk_rx, policy, config.input_codec, scoring, batch_tx));
+        let input = Input { codec: config.input_codec, schemas, state: state.clone(), stop: stop.clone() };
+        let batching = tokio::spawn(batch(chunk_rx, policy, input, scoring, batch_tx));
         let emitting = tokio::spawn(emit(batch_rx, sink.clone(), counters.clone()));
         (Downstream::Batcher(chunk_tx), vec![batching, emitting])
     };
@@ -320,7 +347,7 @@ type Pending = (Vec<(Event, Option<String>)>, oneshot::Receiver<Result<ScoredBat
 async fn batch(
     mut chunks: mpsc::Receiver<Vec<Event>>,
     policy: BatchPolicy,
-    codec: Codec,
+    input: Input,
     scoring: ScoringService,
     batches: mpsc::Sender<Pending>,
 ) {
@@ -328,9 +355,15 @@ async fn batch(
     loop {
         let full = match batcher::next_chunk(&mut chunks, batcher.due()).await {
             Next::Chunk(chunk) => {
+                if !input.learn(&chunk).await {
+                    // Stopping while the registry is unreachable: these events
+                    // are neither scored nor dead-lettered; the restart re-reads them.
+                    chunk.into_iter().for_each(|event| event.ticket.release());
+                    continue;
+                }
                 let now = tokio::time::Instant::now();
                 for event in chunk {
-                    let decoded = decode(&codec, &event.payload);
+                    let decoded = input.decode(&event.payload);
                     if let Some(full) = batcher.push((event, decoded), now) {
                         submit(&scoring, &batches, full).await;
                     }
@@ -388,9 +421,32 @@ async fn emit(mut batches: mpsc::Receiver<Pending>, sink: Arc<Sink>, counters: A
     }
 }
 
-fn decode(codec: &Codec, payload: &[u8]) -> Result<Payment, String> {
-    if payload.is_empty() {
-        return Err("empty message".to_string());
+/// How input bytes become payments: the codec, and with a schema registry
+/// the writer schema of each record.
+struct Input {
+    codec: Codec,
+    schemas: Option<Arc<WriterSchemas>>,
+    state: Arc<PipelineState>,
+    stop: CancellationToken,
+}
+
+impl Input {
+    /// Learns the writer schemas of `chunk` (waiting while the registry is
+    /// unreachable); false if the pipeline stopped first.
+    async fn learn(&self, chunk: &[Event]) -> bool {
+        let Some(schemas) = &self.schemas else { return true };
+        let state = &self.state;
+        schemas.learn(chunk.iter().map(|e| e.payload.as_slice()), &self.stop, |why| state.set_stalled(why)).await
     }
-    codec.decode_payment(payload).map_err(|e| e.to_string())
+
+    fn decode(&self, payload: &[u8]) -> Result<Payment, String> {
+        if payload.is_empty() {
+            return Err("empty message".to_string());
+        }
+        let fast = |bytes: &[u8]| self.codec.decode_payment(bytes).map_err(|e| e.to_string());
+        match self.schemas.as_ref().and_then(|s| s.read(payload, fast)) {
+            Some(read) => read.map_err(|e| e.to_string()),
+            None => fast(payload),
+        }
+    }
 }

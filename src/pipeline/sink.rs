@@ -25,7 +25,7 @@ use super::guard::DeadLetterGuard;
 use super::ticket::Ticket;
 use super::transaction::Transactions;
 use super::{Delivery as DeliveryMode, EventMetrics, PipelineConfig, PipelineCounters};
-use crate::codec::Codec;
+use crate::codec::{Codec, WireFormat};
 use crate::payment::now_ms;
 use crate::scoring::{ScoredBatch, ScoringError};
 use crate::telemetry::metric;
@@ -161,6 +161,8 @@ pub struct Sink {
     output_topic: String,
     dead_letter_topic: String,
     output_codec: Codec,
+    /// Confluent input: dead letters name the writer schema id.
+    input_format: WireFormat,
     guard: Mutex<DeadLetterGuard>,
     failure: Arc<Failure>,
     /// Exactly-once: the open transaction every record joins.
@@ -207,6 +209,7 @@ impl Sink {
             output_topic: config.output_topic.clone(),
             dead_letter_topic: config.dead_letter_topic.clone(),
             output_codec: config.output_codec,
+            input_format: config.input_codec.format(),
             guard: Mutex::new(DeadLetterGuard::new(config.dead_letter_guard)),
             failure,
             transactions,
@@ -315,6 +318,11 @@ impl Sink {
         }
         let partition = event.ticket.partition().to_string();
         let offset = event.ticket.offset().to_string();
+        if self.input_format == WireFormat::Confluent {
+            if let Some(id) = crate::registry::WriterSchemas::schema_id(&event.payload) {
+                headers = headers.insert(Header { key: "fraudstream.schema.id", value: Some(id.to_string().as_str()) });
+            }
+        }
         headers
             .insert(Header { key: "fraudstream.error", value: Some(truncate(error, MAX_ERROR_HEADER_BYTES)) })
             .insert(Header { key: "fraudstream.error.reason", value: Some(reason.as_str()) })

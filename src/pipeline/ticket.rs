@@ -187,6 +187,15 @@ pub struct Ticket {
 }
 
 impl Ticket {
+    /// The pipeline is stopping before this event could be finished (its
+    /// input is re-read after the restart): not a failure, but its offset is
+    /// never committed past.
+    pub fn release(mut self) {
+        self.acked = true;
+        self.acks.tracker.abandon(self.partition, self.offset);
+        self.acks.release(self.bytes);
+    }
+
     /// The event's output is acknowledged: its offset may be committed.
     pub fn ack(mut self) {
         self.acked = true;
