@@ -1,12 +1,15 @@
 //! The scorer's HTTP face: TensorFlow Serving's REST API (model status,
 //! metadata, `:predict`) so the original demo's clients keep working, a
 //! `:score` extension that takes raw payments, and `/healthz`, `/readyz`,
-//! `/metrics` for operators.
+//! `/metrics` for operators. The Open Inference Protocol (KServe v2) is
+//! served beside it (`oip`).
 //!
 //! Every request goes through the same `ScoringService` as the stream: one
 //! model, one encoder, coalesced into the same forward passes. REST has a
 //! concurrency limit of its own (429 beyond it), so a flood of requests can
 //! take only that many places in the model's queue and never stalls the stream.
+
+mod oip;
 
 use std::sync::Arc;
 
@@ -68,11 +71,13 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(|State(s): State<ApiState>| async move { s.prometheus.render() }))
         .route("/v1/models/{*rest}", get(model_get).post(model_post))
+        .merge(oip::routes())
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
-/// An error in TensorFlow Serving's shape: `{"error": "..."}` with its status.
+/// An error in TensorFlow Serving's shape, which the Open Inference Protocol shares:
+/// `{"error": "..."}` with its status.
 #[derive(Debug)]
 struct ApiError(StatusCode, String);
 
@@ -98,7 +103,21 @@ impl From<ScoringError> for ApiError {
     }
 }
 
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        ApiError(e.status(), format!("cannot read the request body: {}", e.body_text()))
+    }
+}
+
 async fn ready(State(s): State<ApiState>) -> Response {
+    let (is_ready, body) = readiness(&s);
+    let status = if is_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+/// Whether this process should get traffic (a model loaded, partitions
+/// assigned if it runs a pipeline, no pipeline failure), and `/readyz`'s body.
+fn readiness(s: &ApiState) -> (bool, Value) {
     let model = s.scoring.model();
     let partitions = s.pipeline.as_ref().map(|p| p.assigned_partitions());
     let failure = s.pipeline.as_ref().and_then(|p| p.failure().map(|f| f.to_string()));
@@ -123,8 +142,7 @@ async fn ready(State(s): State<ApiState>) -> Response {
         "assigned_partitions": partitions,
         "delivery": s.pipeline.as_ref().and_then(|p| p.delivery()).map(crate::choice::Choice::name),
     });
-    let status = if is_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(body)).into_response()
+    (is_ready, body)
 }
 
 /// What a `/v1/models/...` path asks for.
@@ -193,21 +211,37 @@ fn parse_path(rest: &str) -> Option<ModelPath<'_>> {
     Some(ModelPath { name, version, action })
 }
 
-/// Resolves the path against the serving model: 404 for other names or versions.
-fn resolve(s: &ApiState, path: &ModelPath<'_>) -> Result<Option<Arc<crate::scoring::ModelInfo>>, ApiError> {
-    if path.name != s.model_name {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("Servable not found for request: Latest({})", path.name)));
+/// Resolves a model name and version against the serving model: 404 for
+/// other names or versions.
+fn resolve(
+    s: &ApiState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Option<Arc<crate::scoring::ModelInfo>>, ApiError> {
+    if name != s.model_name {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("Servable not found for request: Latest({name})")));
     }
     let model = s.scoring.model();
-    if let Some(v) = path.version {
+    if let Some(v) = version {
         if model.as_ref().is_none_or(|m| m.version != v) {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
-                format!("Servable not found for request: Specific({}, {v})", path.name),
+                format!("Servable not found for request: Specific({name}, {v})"),
             ));
         }
     }
     Ok(model)
+}
+
+/// A place for one REST scoring request, or 429 if all are taken.
+fn take_slot(s: &ApiState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    s.slots.clone().try_acquire_owned().map_err(|_| {
+        metrics::counter!(metric::HTTP_REJECTED).increment(1);
+        ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many scoring requests at once (--max-rest-concurrency); retry shortly".into(),
+        )
+    })
 }
 
 fn count(endpoint: &'static str, status: StatusCode) {
@@ -219,7 +253,7 @@ async fn model_get(State(s): State<ApiState>, Path(rest): Path<String>) -> Respo
     let result = (|| {
         let path = parse_path(&rest)
             .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no such endpoint: /v1/models/{rest}")))?;
-        let model = resolve(&s, &path)?;
+        let model = resolve(&s, path.name, path.version)?;
         match path.action {
             Action::Status => Ok((path.action.endpoint(), Json(status_body(model.as_deref())))),
             Action::Metadata => {
@@ -309,16 +343,9 @@ async fn model_post(
     let result = async {
         let path =
             path.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no such endpoint: /v1/models/{rest}")))?;
-        let body =
-            body.map_err(|e| ApiError(e.status(), format!("cannot read the request body: {}", e.body_text())))?;
-        resolve(&s, &path)?.ok_or(ScoringError::NoModel)?;
-        let _slot = s.slots.clone().try_acquire_owned().map_err(|_| {
-            metrics::counter!(metric::HTTP_REJECTED).increment(1);
-            ApiError(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many scoring requests at once (--max-rest-concurrency); retry shortly".into(),
-            )
-        })?;
+        let body = body?;
+        resolve(&s, path.name, path.version)?.ok_or(ScoringError::NoModel)?;
+        let _slot = take_slot(&s)?;
         let Query(params) = params.map_err(|e| bad_request(format!("query string: {}", e.body_text())))?;
         let explain = if params.explain { Explain::All } else { Explain::AtReview };
         match path.action {
@@ -418,19 +445,18 @@ async fn predict(s: &ApiState, path: &ModelPath<'_>, body: &[u8]) -> Result<Valu
     };
     let rows = features.len() / FEATURE_WIDTH;
     let scored = s.scoring.score_rows(features).await?;
-    check_version(path, &scored.model.version)?;
+    check_version(path.name, path.version, &scored.model.version)?;
     metrics::counter!(metric::HTTP_ROWS_SCORED).increment(rows as u64);
     let outputs: Vec<[f32; 2]> = scored.outputs;
     Ok(if row_format { json!({ "predictions": outputs }) } else { json!({ "outputs": outputs }) })
 }
 
 /// A model swap between resolving and scoring must not answer for the wrong version.
-fn check_version(path: &ModelPath<'_>, served: &str) -> Result<(), ApiError> {
-    match path.version {
-        Some(v) if v != served => Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("Servable not found for request: Specific({}, {v})", path.name),
-        )),
+fn check_version(name: &str, version: Option<&str>, served: &str) -> Result<(), ApiError> {
+    match version {
+        Some(v) if v != served => {
+            Err(ApiError(StatusCode::NOT_FOUND, format!("Servable not found for request: Specific({name}, {v})")))
+        }
         _ => Ok(()),
     }
 }
@@ -479,7 +505,7 @@ async fn score(s: &ApiState, path: &ModelPath<'_>, body: &[u8], explain: Explain
         });
     }
     let batch = s.scoring.score_payments(payments, explain).await?;
-    check_version(path, &batch.model.version)?;
+    check_version(path.name, path.version, &batch.model.version)?;
     let scored_at = now_ms();
     let mut predictions: Vec<ScoredPayment> = Vec::with_capacity(batch.payments.len());
     let rows = batch.payments.into_iter().zip(batch.results).zip(batch.reasons);
