@@ -27,19 +27,36 @@ RUN LIBTORCH="/opt/fraudstream/libtorch-${VARIANT}" cargo build --release --lock
  && if [ -d "${site}/nvidia" ]; then cp -a --parents "${site}/nvidia" /opt/runtime/; fi \
  && cp -a --parents "/opt/fraudstream/libtorch-${VARIANT}" /opt/runtime/
 
-FROM debian:bookworm-slim AS runtime
-ARG VARIANT
+# Runs as user 10001 by default, and under any other UID too (OpenShift's
+# restricted-v2 picks one from the namespace's range, always with GID 0): the
+# user's primary group is 0 and every folder the binaries write is group-0
+# owned and group-writable (g=u); nothing else is, except /tmp.
+FROM debian:bookworm-slim AS runtime-base
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libstdc++6 \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin fraudstream
+ && useradd --system --uid 10001 --gid 0 --home-dir /var/lib/fraudstream --no-create-home \
+      --shell /usr/sbin/nologin fraudstream \
+ && mkdir -p /var/lib/fraudstream /var/cache/fraudstream \
+ && chown -R 10001:0 /var/lib/fraudstream /var/cache/fraudstream \
+ && chmod -R g=u /var/lib/fraudstream /var/cache/fraudstream
 COPY --from=build /opt/runtime/opt/ /opt/
 COPY --from=build /usr/local/bin/fraudstream /usr/local/bin/fraudstream-trainer /usr/local/bin/
-ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
-USER 10001:10001
+ENV HOME=/var/lib/fraudstream
+USER 10001:0
 WORKDIR /tmp
 
+# The NVIDIA container runtime's variables only where CUDA libtorch is.
+FROM runtime-base AS runtime-cpu
+FROM runtime-base AS runtime-cuda
+ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# A stage of this file, not an image to pin (hadolint cannot resolve the ARG).
+# hadolint ignore=DL3006
+FROM runtime-${VARIANT} AS runtime
+
 FROM runtime AS scorer
+# Downloaded model versions (k8s mounts an emptyDir at --model-cache instead).
+ENV FRAUDSTREAM_MODEL_CACHE=/var/cache/fraudstream
 EXPOSE 8501
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["/bin/bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8501 && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q ok <&3"]
