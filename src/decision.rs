@@ -205,7 +205,8 @@ mod tests {
     fn reasons_are_differences_sorted_and_cut() {
         let payment = crate::Simulator::new(1, 1).next().unwrap();
         let r = reasons(&payment, 0.9, &[0.5, 0.95, 0.8, 0.9]);
-        let got: Vec<(&str, f64)> = r.iter().map(|r| (r.feature.as_str(), (r.contribution * 1e6).round() / 1e6)).collect();
+        let got: Vec<(&str, f64)> =
+            r.iter().map(|r| (r.feature.as_str(), (r.contribution * 1e6).round() / 1e6)).collect();
         assert_eq!(got, vec![("amount", 0.4), ("age", 0.1), ("gender", 0.0)]);
         assert_eq!(r[0].value, format!("{:.2}", payment.amount));
     }

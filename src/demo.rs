@@ -104,11 +104,7 @@ impl std::fmt::Display for DemoSummary {
             100.0 * self.false_alarms as f64 / (self.scored.saturating_sub(self.frauds)).max(1) as f64
         )?;
         for (i, name) in ["allow", "review", "block"].iter().enumerate() {
-            write!(
-                f,
-                "\n{name:>6}: {:>7} payments, {:>5} of them fraud",
-                self.decisions[i], self.decision_frauds[i]
-            )?;
+            write!(f, "\n{name:>6}: {:>7} payments, {:>5} of them fraud", self.decisions[i], self.decision_frauds[i])?;
         }
         if let Some(example) = &self.example {
             let reasons: Vec<String> =

@@ -157,9 +157,11 @@ impl FeatureSpec {
     /// Every feature's name, in column order (`amount_scaled`, `category=es_food`, ...).
     pub fn feature_names(&self) -> Vec<String> {
         let mut names = vec!["amount_scaled".to_string()];
-        for (group, vocab) in
-            [(FeatureGroup::Category, &self.categories), (FeatureGroup::Age, &self.ages), (FeatureGroup::Gender, &self.genders)]
-        {
+        for (group, vocab) in [
+            (FeatureGroup::Category, &self.categories),
+            (FeatureGroup::Age, &self.ages),
+            (FeatureGroup::Gender, &self.genders),
+        ] {
             names.extend(vocab.iter().map(|v| format!("{}={v}", group.name())));
         }
         names
@@ -352,10 +354,9 @@ mod tests {
         let row = encoder.encode(&payment("es_health", "3", "M", 44.26)).unwrap();
         assert!((row[0] - 0.005313).abs() < 1e-6, "the original demo's encoding: {}", row[0]);
         // A spec from before the fixed scale reads as not clipping.
-        let old: FeatureSpec = serde_json::from_str(
-            r#"{"categories":[],"ages":[],"genders":[],"amount_min":0.0,"amount_max":10.0}"#,
-        )
-        .unwrap();
+        let old: FeatureSpec =
+            serde_json::from_str(r#"{"categories":[],"ages":[],"genders":[],"amount_min":0.0,"amount_max":10.0}"#)
+                .unwrap();
         assert!(!old.amount_clip);
     }
 
@@ -371,7 +372,10 @@ mod tests {
             next = columns.end;
         }
         assert_eq!(next, spec.width());
-        assert_eq!((names[0].as_str(), names[1].as_str(), names[27].as_str()), ("amount_scaled", "category=es_barsandrestaurants", "gender=U"));
+        assert_eq!(
+            (names[0].as_str(), names[1].as_str(), names[27].as_str()),
+            ("amount_scaled", "category=es_barsandrestaurants", "gender=U")
+        );
         let p = payment("es_food", "3", "M", 12.5);
         assert_eq!(FeatureGroup::ALL.map(|g| g.value(&p)), ["12.50", "es_food", "3", "M"].map(String::from));
     }

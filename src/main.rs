@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cli::choice;
+use fraudstream::codec::{PAYMENT_SCHEMA_JSON, SCORED_PAYMENT_SCHEMA_JSON};
 use fraudstream::consume::{print_events, ConsumeOptions, EventKind, Isolation};
 use fraudstream::demo::DemoConfig;
 use fraudstream::kafka::{ensure_topics, KafkaArgs};
@@ -17,7 +18,6 @@ use fraudstream::model_watch::WatchConfig;
 use fraudstream::payment::BankSimReader;
 use fraudstream::pipeline::{default_transactional_id, Delivery, GuardLimits, PipelineConfig, TransactionConfig};
 use fraudstream::produce::{create_producer, publish_payments, PublishOptions};
-use fraudstream::codec::{PAYMENT_SCHEMA_JSON, SCORED_PAYMENT_SCHEMA_JSON};
 use fraudstream::registry::{value_subject, RegistryConfig, SchemaRegistry, WriterSchemas};
 use fraudstream::scorer::{ScorerConfig, ScorerParts};
 use fraudstream::telemetry::{init_logging, LogFormat};
@@ -465,12 +465,8 @@ async fn produce(args: ProduceArgs) -> Result<()> {
             Codec::new(WireFormat::Confluent, id)
         }
     };
-    let options = PublishOptions {
-        topic: args.topic.clone(),
-        codec,
-        rate: args.rate,
-        stamp_event_time: !args.keep_event_time,
-    };
+    let options =
+        PublishOptions { topic: args.topic.clone(), codec, rate: args.rate, stamp_event_time: !args.keep_event_time };
     let (payments, total): (Box<dyn Iterator<Item = Payment>>, Option<u64>) = match (&args.csv, args.simulate) {
         (Some(path), _) => {
             let file = File::open(path).with_context(|| format!("opening BankSim CSV {}", path.display()))?;

@@ -106,8 +106,9 @@ impl SchemaRegistry {
         if let Some(path) = &config.ca_location {
             let pem = std::fs::read(path)
                 .map_err(|e| RegistryError::Config(format!("reading SCHEMA_REGISTRY_CA_LOCATION {path}: {e}")))?;
-            let ca = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| RegistryError::Config(format!("SCHEMA_REGISTRY_CA_LOCATION {path} is not a PEM CA: {e}")))?;
+            let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                RegistryError::Config(format!("SCHEMA_REGISTRY_CA_LOCATION {path} is not a PEM CA: {e}"))
+            })?;
             http = http.add_root_certificate(ca);
         }
         let http = http.build().map_err(|e| RegistryError::Config(e.to_string()))?;
@@ -269,7 +270,8 @@ impl WriterSchemas {
         stop: &CancellationToken,
         waiting: impl Fn(Option<String>) + Copy,
     ) -> bool {
-        let mut missing: Vec<u32> = records.into_iter().filter_map(Self::schema_id).filter(|id| self.get(*id).is_none()).collect();
+        let mut missing: Vec<u32> =
+            records.into_iter().filter_map(Self::schema_id).filter(|id| self.get(*id).is_none()).collect();
         missing.sort_unstable();
         missing.dedup();
         for id in missing {

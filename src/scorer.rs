@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{router, ApiState};
 use crate::codec::{Codec, WireFormat, SCORED_PAYMENT_SCHEMA_JSON};
-use crate::registry::{value_subject, SchemaRegistry};
 use crate::kafka::ensure_topics;
 use crate::model_watch::{ModelWatcher, WatchConfig};
 use crate::pipeline::{PipelineConfig, PipelineCounters, PipelineError, PipelineState};
+use crate::registry::{value_subject, SchemaRegistry};
 use crate::scoring::ScoringService;
 
 /// Everything `fraudstream score` needs.

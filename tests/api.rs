@@ -2,106 +2,16 @@
 //! model trained and published by the test.
 
 mod common;
+#[path = "rest/mod.rs"]
+mod rest;
 
-use std::time::Duration;
-
-use fraudstream::api::{router, ApiState};
-use fraudstream::model::{Model, ModelStore, MODEL_FILE};
 use fraudstream::decision::Decision;
+use fraudstream::model::Model;
 use fraudstream::scoring::{Explain, ScoringService};
 use fraudstream::Payment;
 use reqwest::StatusCode;
+use rest::{call, demo_payment, demo_row, flood, get, post, serve, serve_with, start_http, Server};
 use serde_json::{json, Value};
-
-struct Server {
-    base: String,
-    scoring: ScoringService,
-    version: String,
-    model_dir: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// Trains a small model into a local store and serves it on an ephemeral port.
-async fn serve(body_limit: usize) -> Server {
-    serve_with(body_limit, fraudstream::api::DEFAULT_REST_CONCURRENCY).await
-}
-
-/// `serve`, with at most `concurrency` scoring requests at once.
-async fn serve_with(body_limit: usize, concurrency: usize) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("models").display().to_string();
-    let outcome = common::train_and_publish(&store, 20_000, 4, false).await;
-    let files = ModelStore::open(&store)
-        .await
-        .unwrap()
-        .fetch(&outcome.version, &[MODEL_FILE], &dir.path().join("cache"))
-        .await
-        .unwrap();
-    let scoring = ScoringService::start(1024, 64);
-    scoring.swap(Model::load(&files.dir, tch::Device::Cpu).unwrap()).await.unwrap();
-    let base = start_http_with(scoring.clone(), body_limit, concurrency).await;
-    Server { base, scoring, version: outcome.version, model_dir: files.dir, _dir: dir }
-}
-
-async fn start_http(scoring: ScoringService, body_limit: usize) -> String {
-    start_http_with(scoring, body_limit, fraudstream::api::DEFAULT_REST_CONCURRENCY).await
-}
-
-async fn start_http_with(scoring: ScoringService, body_limit: usize, concurrency: usize) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = router(ApiState::new(scoring, "payfraud", None, concurrency), body_limit);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
-
-/// The original demo's example: a fraud payment in es_health, age 3, male.
-fn demo_row() -> Vec<f64> {
-    let mut row = vec![0.0; 28];
-    row[0] = 0.005313;
-    row[5] = 1.0;
-    row[19] = 1.0;
-    row[26] = 1.0;
-    row
-}
-
-fn demo_payment() -> Payment {
-    Payment {
-        payment_id: "demo-1".into(),
-        event_time: 0,
-        step: 0,
-        customer: "C1".into(),
-        age: "3".into(),
-        gender: "M".into(),
-        zipcode_ori: "28007".into(),
-        merchant: "M1053599405".into(),
-        zip_merchant: "28007".into(),
-        category: "es_health".into(),
-        amount: 44.26,
-        fraud: None,
-    }
-}
-
-async fn call(method: reqwest::Method, url: &str, body: Option<String>) -> (StatusCode, Value) {
-    let client = reqwest::Client::new();
-    let mut request = client.request(method, url).timeout(Duration::from_secs(30));
-    if let Some(body) = body {
-        request = request.header("content-type", "application/json").body(body);
-    }
-    let response = request.send().await.expect("request");
-    let status = response.status();
-    let text = response.text().await.unwrap();
-    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, value)
-}
-
-async fn get(url: &str) -> (StatusCode, Value) {
-    call(reqwest::Method::GET, url, None).await
-}
-
-async fn post(url: &str, body: Value) -> (StatusCode, Value) {
-    call(reqwest::Method::POST, url, Some(body.to_string())).await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tf_serving_endpoints_answer_like_tf_serving() {
@@ -121,10 +31,15 @@ async fn tf_serving_endpoints_answer_like_tf_serving() {
     assert_eq!(metadata.1["metadata"]["signature_def"], signature);
     // Beside TF Serving's signature: what the 28 inputs mean for this version.
     let spec = &metadata.1["metadata"]["feature_spec"];
-    assert_eq!((spec["amount_min"].as_f64(), spec["amount_max"].as_f64(), &spec["amount_clip"]), (Some(0.0), Some(8329.96), &json!(true)));
+    assert_eq!(
+        (spec["amount_min"].as_f64(), spec["amount_max"].as_f64(), &spec["amount_clip"]),
+        (Some(0.0), Some(8329.96), &json!(true))
+    );
     let features: Vec<String> = serde_json::from_value(spec["features"].clone()).unwrap();
-    assert_eq!((features.len(), features[0].as_str(), features[5].as_str(), features[19].as_str(), features[26].as_str()),
-        (28, "amount_scaled", "category=es_health", "age=3", "gender=M"));
+    assert_eq!(
+        (features.len(), features[0].as_str(), features[5].as_str(), features[19].as_str(), features[26].as_str()),
+        (28, "amount_scaled", "category=es_health", "age=3", "gender=M")
+    );
     assert_eq!(get(&format!("{}/v1/models/payfraud/versions/{v}/metadata", s.base)).await.1, metadata.1);
 
     // The original demo's request, columnar and row formats.
@@ -202,7 +117,11 @@ async fn decisions_and_reasons_over_rest() {
         if decision == Decision::Allow {
             assert!(out.reasons.is_empty(), "{out:?}");
         } else {
-            common::assert_reasons(&out.reasons, &common::independent_reasons(&model, &out.payment), "stream-like :score");
+            common::assert_reasons(
+                &out.reasons,
+                &common::independent_reasons(&model, &out.payment),
+                "stream-like :score",
+            );
         }
     }
     eprintln!("decisions of 3,000 simulated payments: {seen:?}");
@@ -229,7 +148,10 @@ async fn decisions_and_reasons_over_rest() {
         assert!((p[1] - e.fraud_probability).abs() < 1e-12 && (p[0] + p[1] - 1.0).abs() < 1e-9, "{p:?}");
         assert_eq!((&e.payment, &e.reasons, e.decision), (&asked.payment, &asked.reasons, asked.decision));
         let reason = &body["explanations"][0]["reasons"][0];
-        assert!(reason["feature"].is_string() && reason["value"].is_string() && reason["contribution"].is_f64(), "{reason}");
+        assert!(
+            reason["feature"].is_string() && reason["value"].is_string() && reason["contribution"].is_f64(),
+            "{reason}"
+        );
     }
     let (status, _) = call(reqwest::Method::GET, &format!("{}/v1/models/payfraud:explain", s.base), None).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
@@ -304,21 +226,7 @@ async fn rest_beyond_its_concurrency_limit_gets_429() {
     let rows: Vec<Vec<f64>> = (0..4096).map(|_| demo_row()).collect();
     let body = json!({ "inputs": rows }).to_string();
     let url = format!("{}/v1/models/payfraud:predict", s.base);
-    let client = reqwest::Client::new();
-    let requests = (0..16).map(|_| {
-        let request = client.post(&url).header("content-type", "application/json").body(body.clone());
-        async move {
-            let response = request.send().await.expect("request");
-            (response.status(), response.text().await.unwrap())
-        }
-    });
-    let answers = futures::future::join_all(requests).await;
-    let ok = answers.iter().filter(|(status, _)| *status == StatusCode::OK).count();
-    let refused: Vec<&String> =
-        answers.iter().filter(|(status, _)| *status == StatusCode::TOO_MANY_REQUESTS).map(|(_, body)| body).collect();
-    assert!(ok >= 1, "no request was served: {answers:?}");
-    assert!(!refused.is_empty(), "16 concurrent requests with a limit of 1, none refused");
-    assert_eq!(ok + refused.len(), 16, "only 200 or 429 expected");
+    let refused = flood(&url, body, 16).await;
     assert!(refused.iter().all(|b| b.contains("--max-rest-concurrency")), "{refused:?}");
 }
 

@@ -4,56 +4,13 @@
 //! `:predict` does.
 
 mod common;
+#[path = "rest/mod.rs"]
+mod rest;
 
-use std::time::Duration;
-
-use fraudstream::api::{router, ApiState, DEFAULT_REST_CONCURRENCY};
-use fraudstream::model::{Model, ModelStore, MODEL_FILE};
 use fraudstream::scoring::ScoringService;
 use reqwest::StatusCode;
+use rest::{call, demo_row, flood, get, post, serve, serve_with, start_http};
 use serde_json::{json, Value};
-
-struct Server {
-    base: String,
-    version: String,
-    _dir: tempfile::TempDir,
-}
-
-/// Trains a small model into a local store and serves it on an ephemeral
-/// port, with at most `concurrency` scoring requests at once.
-async fn serve(body_limit: usize, concurrency: usize) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("models").display().to_string();
-    let outcome = common::train_and_publish(&store, 20_000, 4, false).await;
-    let files = ModelStore::open(&store)
-        .await
-        .unwrap()
-        .fetch(&outcome.version, &[MODEL_FILE], &dir.path().join("cache"))
-        .await
-        .unwrap();
-    let scoring = ScoringService::start(1024, 64);
-    scoring.swap(Model::load(&files.dir, tch::Device::Cpu).unwrap()).await.unwrap();
-    let base = start_http(scoring, body_limit, concurrency).await;
-    Server { base, version: outcome.version, _dir: dir }
-}
-
-async fn start_http(scoring: ScoringService, body_limit: usize, concurrency: usize) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = router(ApiState::new(scoring, "payfraud", None, concurrency), body_limit);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
-
-/// The original demo's example: a fraud payment in es_health, age 3, male.
-fn demo_row() -> Vec<f64> {
-    let mut row = vec![0.0; 28];
-    row[0] = 0.005313;
-    row[5] = 1.0;
-    row[19] = 1.0;
-    row[26] = 1.0;
-    row
-}
 
 /// A second, different row: a small payment, another age and category.
 fn other_row() -> Vec<f64> {
@@ -63,27 +20,6 @@ fn other_row() -> Vec<f64> {
     row[12] = 1.0;
     row[27] = 1.0;
     row
-}
-
-async fn call(method: reqwest::Method, url: &str, body: Option<String>) -> (StatusCode, Value) {
-    let client = reqwest::Client::new();
-    let mut request = client.request(method, url).timeout(Duration::from_secs(30));
-    if let Some(body) = body {
-        request = request.header("content-type", "application/json").body(body);
-    }
-    let response = request.send().await.expect("request");
-    let status = response.status();
-    let text = response.text().await.unwrap();
-    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, value)
-}
-
-async fn get(url: &str) -> (StatusCode, Value) {
-    call(reqwest::Method::GET, url, None).await
-}
-
-async fn post(url: &str, body: Value) -> (StatusCode, Value) {
-    call(reqwest::Method::POST, url, Some(body.to_string())).await
 }
 
 /// An inference request for `rows`, their data flat (row-major).
@@ -113,7 +49,7 @@ fn assert_error(body: &Value, needle: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oip_endpoints_answer_as_the_protocol_shows() {
-    let s = serve(1 << 20, DEFAULT_REST_CONCURRENCY).await;
+    let s = serve(1 << 20).await;
     let (base, v) = (&s.base, &s.version);
 
     assert_eq!(get(&format!("{base}/v2/health/live")).await, (StatusCode::OK, json!({"live": true})));
@@ -189,7 +125,7 @@ async fn oip_endpoints_answer_as_the_protocol_shows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_the_protocols_error_object() {
-    let s = serve(64 * 1024, DEFAULT_REST_CONCURRENCY).await;
+    let s = serve(64 * 1024).await;
     let (base, v) = (&s.base, &s.version);
     let infer = format!("{base}/v2/models/payfraud/infer");
 
@@ -240,7 +176,7 @@ async fn bad_requests_get_the_protocols_error_object() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_model_yet_is_not_ready_and_503() {
-    let base = start_http(ScoringService::start(64, 4), 1 << 20, DEFAULT_REST_CONCURRENCY).await;
+    let base = start_http(ScoringService::start(64, 4), 1 << 20).await;
     let (status, body) = post(&format!("{base}/v2/models/payfraud/infer"), infer_request(&[demo_row()])).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_error(&body, "no model");
@@ -262,26 +198,12 @@ async fn no_model_yet_is_not_ready_and_503() {
 /// `/infer` shares TF Serving's REST concurrency limit: beyond it, 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn infer_beyond_the_rest_concurrency_limit_gets_429() {
-    let s = serve(8 << 20, 1).await;
+    let s = serve_with(8 << 20, 1).await;
     let rows: Vec<Vec<f64>> = (0..4096).map(|_| demo_row()).collect();
     let body = infer_request(&rows).to_string();
     let url = format!("{}/v2/models/payfraud/infer", s.base);
-    let client = reqwest::Client::new();
-    let requests = (0..16).map(|_| {
-        let request = client.post(&url).header("content-type", "application/json").body(body.clone());
-        async move {
-            let response = request.send().await.expect("request");
-            (response.status(), response.text().await.unwrap())
-        }
-    });
-    let answers = futures::future::join_all(requests).await;
-    let ok = answers.iter().filter(|(status, _)| *status == StatusCode::OK).count();
-    let refused: Vec<&String> =
-        answers.iter().filter(|(status, _)| *status == StatusCode::TOO_MANY_REQUESTS).map(|(_, body)| body).collect();
-    assert!(ok >= 1, "no request was served: {answers:?}");
-    assert!(!refused.is_empty(), "16 concurrent requests with a limit of 1, none refused");
-    assert_eq!(ok + refused.len(), 16, "only 200 or 429 expected");
-    for body in refused {
+    let refused = flood(&url, body, 16).await;
+    for body in &refused {
         assert_error(&serde_json::from_str(body).unwrap(), "--max-rest-concurrency");
     }
 }

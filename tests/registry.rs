@@ -45,7 +45,8 @@ async fn register(State(r): State<Shared>, Path(subject): Path<String>, body: St
     let schema = request["schema"].as_str().unwrap_or_default().to_string();
     let mut r = r.lock().unwrap();
     if r.incompatible.contains(&subject) {
-        let message = format!("Schema being registered is incompatible with an earlier schema for subject \"{subject}\"");
+        let message =
+            format!("Schema being registered is incompatible with an earlier schema for subject \"{subject}\"");
         return error(StatusCode::CONFLICT, 409, message);
     }
     let id = match r.schemas.iter().position(|s| *s == schema) {
@@ -252,7 +253,11 @@ async fn evolved_writers_are_scored_and_outputs_carry_the_registered_id() {
         };
         assert_eq!(header("fraudstream.schema.id").as_deref(), Some("9999"));
         assert_eq!(header("fraudstream.error.reason").as_deref(), Some("undecodable"));
-        assert!(header("fraudstream.error").is_some_and(|e| e.contains("9999") && e.contains("not found")), "{:?}", header("fraudstream.error"));
+        assert!(
+            header("fraudstream.error").is_some_and(|e| e.contains("9999") && e.contains("not found")),
+            "{:?}",
+            header("fraudstream.error")
+        );
     }
     registry.stop();
 }

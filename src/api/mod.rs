@@ -480,7 +480,12 @@ struct ScoreInput {
 }
 
 /// Scores the payments of a `:score` or `:explain` body.
-async fn score(s: &ApiState, path: &ModelPath<'_>, body: &[u8], explain: Explain) -> Result<Vec<ScoredPayment>, ApiError> {
+async fn score(
+    s: &ApiState,
+    path: &ModelPath<'_>,
+    body: &[u8],
+    explain: Explain,
+) -> Result<Vec<ScoredPayment>, ApiError> {
     #[derive(Deserialize)]
     struct ScoreRequest {
         instances: Vec<Value>,

@@ -363,8 +363,11 @@ mod tests {
 
     fn reasons() -> impl Strategy<Value = Vec<Reason>> {
         proptest::collection::vec(
-            (any::<String>(), any::<String>(), -1f64..1.0)
-                .prop_map(|(feature, value, contribution)| Reason { feature, value, contribution }),
+            (any::<String>(), any::<String>(), -1f64..1.0).prop_map(|(feature, value, contribution)| Reason {
+                feature,
+                value,
+                contribution,
+            }),
             0..4,
         )
     }

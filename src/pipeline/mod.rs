@@ -48,10 +48,10 @@ pub use ticket::{Acks, InFlightLimits, Ticket};
 pub use transaction::{default_transactional_id, TransactionConfig};
 
 use crate::codec::{Codec, WireFormat};
-use crate::registry::{RegistryConfig, SchemaRegistry, WriterSchemas};
 use crate::decision::Decision;
 use crate::kafka::KafkaArgs;
 use crate::payment::Payment;
+use crate::registry::{RegistryConfig, SchemaRegistry, WriterSchemas};
 use crate::scoring::{ScoredBatch, ScoringError, ScoringService};
 use crate::telemetry::metric;
 use batcher::Next;

@@ -18,8 +18,8 @@ use crate::model::{
 use crate::{FeatureEncoder, FeatureSpec, Payment};
 use serde_json::json;
 
-use crate::training::data::{DataSource, TimeSplit};
 use crate::features::AmountScale;
+use crate::training::data::{DataSource, TimeSplit};
 use crate::training::evaluate::{choose_bands, choose_threshold, Evaluation};
 use crate::training::train::{Architecture, TrainConfig};
 

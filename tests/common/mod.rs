@@ -159,7 +159,10 @@ pub async fn read_topic(
 /// demo's layout, written out) with that group's columns set to the
 /// version's training reference, scored in one forward pass; each group's
 /// contribution is P(fraud) minus its copy's, the three largest first.
-pub fn independent_reasons(model: &fraudstream::model::Model, payment: &fraudstream::Payment) -> Vec<(String, String, f64)> {
+pub fn independent_reasons(
+    model: &fraudstream::model::Model,
+    payment: &fraudstream::Payment,
+) -> Vec<(String, String, f64)> {
     let groups: [(&str, std::ops::Range<usize>, String); 4] = [
         ("amount", 0..1, format!("{:.2}", payment.amount)),
         ("category", 1..16, payment.category.clone()),
@@ -179,7 +182,9 @@ pub fn independent_reasons(model: &fraudstream::model::Model, payment: &fraudstr
     let mut reasons: Vec<(String, String, f64)> = groups
         .iter()
         .enumerate()
-        .map(|(i, (name, _, value))| (name.to_string(), value.clone(), f64::from(scores[0][1]) - f64::from(scores[i + 1][1])))
+        .map(|(i, (name, _, value))| {
+            (name.to_string(), value.clone(), f64::from(scores[0][1]) - f64::from(scores[i + 1][1]))
+        })
         .collect();
     reasons.sort_by(|a, b| b.2.total_cmp(&a.2));
     reasons.truncate(3);

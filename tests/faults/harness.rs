@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fraudstream::codec::{Codec, WireFormat};
-use fraudstream::kafka::KafkaArgs;
 use fraudstream::decision::Decision;
+use fraudstream::kafka::KafkaArgs;
 use fraudstream::model::Model;
 use fraudstream::{Payment, ScoredPayment, Simulator};
 use rdkafka::message::OwnedMessage;
@@ -320,7 +320,12 @@ pub fn verify_outputs(sent: &[Payment], messages: &[OwnedMessage], store: &Path,
             assert_eq!(s.threshold, threshold, "{scenario}: wrong threshold for version {version}");
             assert_eq!(s.is_fraud, s.fraud_probability >= threshold, "{scenario}: isFraud disagrees with threshold");
             let decision = model.manifest().bands().decide(s.fraud_probability);
-            assert_eq!(s.decision, Some(decision), "{scenario}: payment {} has the wrong decision", s.payment.payment_id);
+            assert_eq!(
+                s.decision,
+                Some(decision),
+                "{scenario}: payment {} has the wrong decision",
+                s.payment.payment_id
+            );
             if decision == Decision::Allow {
                 assert!(s.reasons.is_empty(), "{scenario}: reasons for an allowed payment: {s:?}");
             } else {
