@@ -169,7 +169,10 @@ async fn a_failing_model_stops_the_scorer_without_dead_letters_or_commits_past_i
         "        if bool((payments[:, 0] > 5.0).any()):\n            raise RuntimeError(\"injected failure\")\n        return self.inner(payments)",
         &dir.path().join("failing.pt"),
     );
-    publish_version(&store, &manifest, good + 10, &failing, |_| {});
+    // Unclipped amounts (as `--amount-scale fit` writes them), so the marker reaches the failure.
+    publish_version(&store, &manifest, good + 10, &failing, |m| {
+        m["feature_spec"]["amount_clip"] = serde_json::json!(false)
+    });
 
     let topic = topic_for(&kafka, 2).await;
     let group = common::unique("group");
