@@ -14,6 +14,7 @@ pub mod decision;
 pub mod demo;
 pub mod features;
 pub mod kafka;
+pub mod lifecycle;
 pub mod model;
 pub mod model_watch;
 pub mod payment;

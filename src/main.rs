@@ -25,6 +25,7 @@ use fraudstream::{Codec, FeatureEncoder, FeatureSpec, Payment, Simulator, WireFo
 use tokio_util::sync::CancellationToken;
 
 mod cli;
+mod models_cmd;
 
 /// mimalloc instead of glibc malloc: events are allocated on the consumer's
 /// thread and freed on the producer's, which glibc's per-thread arenas handle
@@ -56,6 +57,8 @@ enum Command {
     Score(Box<ScoreArgs>),
     /// Run everything in one process (mock broker, local model store): train, score, report.
     Demo(DemoArgs),
+    /// The versions in a model store and their labels: list, show, label, rollback.
+    Models(models_cmd::ModelsArgs),
 }
 
 /// `--brokers` and `-X`, as every command that talks to Kafka takes them.
@@ -353,6 +356,7 @@ fn main() -> Result<()> {
             set_threads(args.scoring.threads)?;
             runtime()?.block_on(score(*args))
         }
+        Command::Models(args) => runtime()?.block_on(models_cmd::run(args)),
         Command::Demo(args) => {
             set_threads(args.scoring.threads)?;
             runtime()?.block_on(demo(args))

@@ -1,5 +1,6 @@
-//! `ModelWatcher`: keeps the scoring service on the newest valid model
-//! version without a restart.
+//! `ModelWatcher`: keeps the scoring service on the version the store's
+//! `stable` label names (or, in a store without labels, the newest valid
+//! one) without a restart, following the label backwards as well as forwards.
 //!
 //! At start it serves the newest version that loads, skipping (and saying
 //! so) newer ones that do not, and retries with back-off while the store is
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{load_guarded, ModelStore, ModelVersion, DEFAULT_LOAD_TIMEOUT, MODEL_FILE};
+use crate::model::{load_guarded, Label, ModelStore, ModelVersion, DEFAULT_LOAD_TIMEOUT, MODEL_FILE};
 use crate::scoring::ScoringService;
 use crate::telemetry::metric;
 
@@ -71,9 +72,29 @@ impl ModelWatcher {
         Ok(self.store.as_ref().expect("just opened"))
     }
 
-    /// The versions worth trying, best first: the pinned one, or every
-    /// version newer than the serving one that was not rejected before.
+    /// The versions worth trying, best first: the pinned one; else the one
+    /// the `stable` label names, older or newer than the serving one (a
+    /// rollback or a promotion), unless it was rejected; else (no label, or
+    /// nothing serving yet and the label's version rejected) every version
+    /// newer than the serving one that was not rejected before.
     async fn candidates(&mut self) -> Result<Vec<String>, crate::Error> {
+        if self.config.pinned_version.is_none() {
+            if let Some(stable) = self.store().await?.label(Label::Stable).await? {
+                if self.serving.as_ref() == Some(&stable) {
+                    return Ok(Vec::new());
+                }
+                if !self.rejected.contains(&stable) {
+                    return Ok(vec![stable]);
+                }
+                if self.serving.is_some() {
+                    return Ok(Vec::new()); // the label names a broken version: keep serving
+                }
+            }
+        }
+        self.unlabelled_candidates().await
+    }
+
+    async fn unlabelled_candidates(&mut self) -> Result<Vec<String>, crate::Error> {
         if let Some(pinned) = &self.config.pinned_version {
             let pinned = pinned.clone();
             return Ok(if self.serving.as_ref() == Some(&pinned) || self.rejected.contains(&pinned) {

@@ -6,6 +6,7 @@
 //! the report, and `model.json`, written last: a folder without a manifest is
 //! incomplete and ignored. Versions are immutable.
 
+mod labels;
 mod store;
 mod torch;
 
@@ -14,6 +15,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use labels::{previous as rollback_target, Label, LabelMove};
 pub use store::{s3_client, ModelStore, S3Url, StoreError, VersionFiles};
 pub use torch::{device_name, Device, Model, ModelError};
 

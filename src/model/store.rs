@@ -105,7 +105,7 @@ impl ModelStore {
         }
     }
 
-    fn key(&self, rel: &str) -> String {
+    pub(super) fn key(&self, rel: &str) -> String {
         match self {
             Self::S3 { prefix, .. } if !prefix.is_empty() => format!("{prefix}/{rel}"),
             _ => rel.to_string(),
@@ -161,7 +161,63 @@ impl ModelStore {
         Ok(self.list_versions().await?.pop())
     }
 
-    async fn read(&self, rel: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    /// Writes one object whole (a directory store writes then renames, so
+    /// a reader never sees half of it).
+    pub(super) async fn write(&self, rel: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        match self {
+            Self::Dir(dir) => {
+                let path = dir.join(rel);
+                let io = |source, path: &Path| StoreError::Io { location: path.display().to_string(), source };
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| io(e, parent))?;
+                }
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, bytes).map_err(|e| io(e, &tmp))?;
+                std::fs::rename(&tmp, &path).map_err(|e| io(e, &path))
+            }
+            Self::S3 { client, bucket, .. } => {
+                let key = self.key(rel);
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .body(ByteStream::from(bytes))
+                    .send()
+                    .await
+                    .map_err(|e| self.s3_err("PutObject")(format!("{key}: {}", DisplayErrorContext(e))))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The names of the objects directly under `rel/`, unsorted.
+    pub(super) async fn names(&self, rel: &str) -> Result<Vec<String>, StoreError> {
+        let mut names = Vec::new();
+        match self {
+            Self::Dir(dir) => {
+                let root = dir.join(rel);
+                let entries = match std::fs::read_dir(&root) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+                    Err(source) => return Err(StoreError::Io { location: root.display().to_string(), source }),
+                };
+                names.extend(entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()));
+            }
+            Self::S3 { client, bucket, .. } => {
+                let prefix = self.key(&format!("{rel}/"));
+                let mut pages = client.list_objects_v2().bucket(bucket).prefix(&prefix).into_paginator().send();
+                while let Some(page) = pages.next().await {
+                    let page = page.map_err(|e| self.s3_err("ListObjectsV2")(DisplayErrorContext(e).to_string()))?;
+                    names.extend(
+                        page.contents().iter().filter_map(|o| o.key()?.strip_prefix(&prefix)).map(String::from),
+                    );
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    pub(super) async fn read(&self, rel: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Self::Dir(dir) => {
                 let path = dir.join(rel);

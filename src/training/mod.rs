@@ -19,6 +19,7 @@ use crate::{FeatureEncoder, FeatureSpec, Payment};
 use serde_json::json;
 
 use crate::features::AmountScale;
+use crate::model::Label;
 use crate::training::data::{DataSource, TimeSplit};
 use crate::training::evaluate::{choose_bands, choose_threshold, Evaluation};
 use crate::training::train::{Architecture, TrainConfig};
@@ -71,7 +72,25 @@ pub struct TrainerOptions {
     pub amount_scale: AmountScale,
     /// Publish even if the current champion is better on the holdout.
     pub force: bool,
+    /// What to do with a version that loses the champion gate.
+    pub on_lose: OnLose,
     pub train: TrainConfig,
+}
+
+/// What happens to a version that loses the champion gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLose {
+    /// Published and labelled `canary`, to be watched in shadow.
+    Canary,
+    /// Not published.
+    Discard,
+}
+
+impl crate::choice::Choice for OnLose {
+    const CHOICES: &'static [(Self, &'static str, &'static str)] = &[
+        (Self::Canary, "canary", "publish it labelled canary, to watch in shadow"),
+        (Self::Discard, "discard", "do not publish it"),
+    ];
 }
 
 /// The defaults of `fraudstream-trainer`'s flags (on the simulator's data).
@@ -87,6 +106,7 @@ impl Default for TrainerOptions {
             block_precision: crate::decision::DEFAULT_BLOCK_PRECISION,
             amount_scale: AmountScale::Fixed,
             force: false,
+            on_lose: OnLose::Canary,
             train: TrainConfig::default(),
         }
     }
@@ -98,6 +118,8 @@ pub struct RunOutcome {
     /// The version this run trained (published or not).
     pub version: String,
     pub published: bool,
+    /// The label the published version got: `stable` if it won the gate, `canary` if not.
+    pub label: Option<Label>,
     /// One line saying which model won and why.
     pub verdict: String,
     pub holdout: Evaluation,
@@ -133,6 +155,11 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
     // Open the store first: a wrong URL or unreachable S3 fails before any training.
     let store = ModelStore::open(&options.model_store).await?;
     let latest = store.latest_version().await?;
+    // The champion is what serves: the `stable` label's version, or the newest in a store without labels.
+    let serving = match store.label(Label::Stable).await? {
+        Some(stable) => Some(stable),
+        None => latest.clone(),
+    };
 
     let payments = data::load(&options.data).await?;
     let summary = TrainingDataSummary {
@@ -202,7 +229,7 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
     mlp.export(&model_path)?;
 
     // The champion, re-scored on this run's holdout (not its own recorded metrics).
-    let champion = match &latest {
+    let champion = match &serving {
         None => None,
         Some(version) => match load_champion(&store, version, work.path(), device).await {
             Ok(champion) => {
@@ -259,7 +286,7 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         )));
     }
 
-    let (publish, verdict) = match &champion {
+    let (wins, verdict) = match &champion {
         None => (true, "no champion yet: publishing".to_string()),
         Some((v, e)) if holdout.average_precision >= e.average_precision => (
             true,
@@ -284,7 +311,12 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         ),
     };
 
-    if publish {
+    let label = match (wins, options.on_lose) {
+        (true, _) => Some(Label::Stable),
+        (false, OnLose::Canary) => Some(Label::Canary),
+        (false, OnLose::Discard) => None,
+    };
+    if let Some(label) = label {
         let model_bytes = std::fs::read(&model_path)
             .map_err(|error| TrainingError::Io { step: format!("reading {}", model_path.display()), error })?;
         let mut files: Vec<(&str, Vec<u8>)> = vec![(MODEL_FILE, model_bytes)];
@@ -319,10 +351,19 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         })?);
         debug_assert!(files.iter().all(|(name, _)| *name != MANIFEST_FILE));
         store.publish(&manifest, &files).await?;
+        if label == Label::Canary && store.label(Label::Stable).await?.is_none() {
+            // A store without labels serves its newest version: pin the
+            // champion as stable first, so the canary does not serve.
+            if let Some((champion, _)) = &champion {
+                store.set_label(Label::Stable, champion).await?;
+            }
+        }
+        store.set_label(label, &version).await?;
     }
     Ok(RunOutcome {
         version,
-        published: publish,
+        published: label.is_some(),
+        label,
         verdict,
         holdout,
         baseline: baseline_eval,

@@ -213,10 +213,14 @@ pub async fn topic_for(kafka: &KafkaArgs, partitions: i32) -> String {
     topic
 }
 
-/// A model trained and published to a local store under `dir`.
+/// A model trained and published to a local store under `dir`, without
+/// labels: these scenarios publish versions by hand, and scorers serve the
+/// newest valid one, as in a store from before labels (tests/lifecycle.rs
+/// covers labelled stores).
 pub async fn local_model(dir: &Path) -> PathBuf {
     let store = dir.join("models");
     common::train_and_publish(&store.display().to_string(), 20_000, 11, false).await;
+    std::fs::remove_dir_all(store.join("labels")).expect("the trainer labelled its version");
     store
 }
 

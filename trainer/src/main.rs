@@ -10,7 +10,7 @@ use fraudstream::model::Device;
 use fraudstream::telemetry::{init_logging, LogFormat};
 use fraudstream::training::data::DataSource;
 use fraudstream::training::train::TrainConfig;
-use fraudstream::training::{run_once, RunOutcome, TrainerOptions};
+use fraudstream::training::{run_once, OnLose, RunOutcome, TrainerOptions};
 
 #[path = "../../src/cli.rs"]
 mod cli;
@@ -54,6 +54,9 @@ struct Cli {
     /// How the amount feature is scaled.
     #[arg(long, env = "FRAUDSTREAM_AMOUNT_SCALE", value_parser = choice::<AmountScale>(), default_value = "fixed")]
     amount_scale: AmountScale,
+    /// A version that loses the champion gate: publish it labelled canary (to watch in shadow), or discard it.
+    #[arg(long, env = "FRAUDSTREAM_ON_LOSE", value_parser = choice::<OnLose>(), default_value = "canary")]
+    on_lose: OnLose,
     /// Publish even if the current champion scores a better holdout AP.
     #[arg(long, env = "FRAUDSTREAM_FORCE")]
     force: bool,
@@ -77,7 +80,11 @@ struct Cli {
 fn print_outcome(outcome: &RunOutcome) {
     let e = &outcome.holdout;
     let b = &outcome.baseline;
-    println!("version {}: {}", outcome.version, if outcome.published { "PUBLISHED" } else { "not published" });
+    let published = match outcome.label {
+        Some(label) => format!("PUBLISHED, labelled {}", fraudstream::choice::Choice::name(label)),
+        None => "not published".to_string(),
+    };
+    println!("version {}: {published}", outcome.version);
     println!("  {}", outcome.verdict);
     println!(
         "  holdout ({} rows, {} frauds): ROC-AUC {:.4}  AP {:.4}  recall@1%FPR {:.4}  threshold {:.4}  P {:.4} R {:.4} F1 {:.4}",
@@ -118,6 +125,7 @@ async fn main() -> Result<()> {
         block_precision: cli.block_precision,
         amount_scale: cli.amount_scale,
         force: cli.force,
+        on_lose: cli.on_lose,
         train: TrainConfig {
             max_epochs: cli.max_epochs,
             batch_size: cli.batch_size,

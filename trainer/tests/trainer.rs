@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use fraudstream::model::{Model, ModelStore, MODEL_FILE};
+use fraudstream::model::{Label, Model, ModelStore, MODEL_FILE};
 use fraudstream::training::data::{load, DataSource, TimeSplit};
 use fraudstream::training::evaluate::Evaluation;
 
@@ -76,7 +76,8 @@ async fn publishes_then_the_gate_refuses_a_worse_model() {
     assert!((evaluation.average_precision - recorded).abs() < 1e-6, "{} vs {recorded}", evaluation.average_precision);
     assert!(evaluation.roc_auc > 0.95, "a trained model ranks fraud well: {}", evaluation.roc_auc);
 
-    // A barely trained challenger loses to the champion and is not published; exit 0.
+    // A barely trained challenger loses to the champion: published (exit 0),
+    // but labelled canary; stable stays on the champion.
     let weak = [
         "--simulate",
         "20000",
@@ -91,17 +92,28 @@ async fn publishes_then_the_gate_refuses_a_worse_model() {
     ];
     let (ok, out) = trainer(&weak).output_text();
     assert!(ok, "{out}");
-    assert!(out.contains("not published") && out.contains("champion"), "{out}");
-    assert_eq!(versions(&store).await.len(), 1);
+    assert!(out.contains("labelled canary") && out.contains("champion"), "{out}");
+    let labels = ModelStore::open(&store).await.unwrap();
+    assert_eq!(labels.label(Label::Stable).await.unwrap().as_deref(), Some(version.as_str()));
+    let canary = labels.label(Label::Canary).await.unwrap().expect("the loser is the canary");
+    assert_eq!(versions(&store).await, [version.clone(), canary]);
 
-    // --force publishes it anyway, as a new, newer version.
+    // With --on-lose discard, a loser is not published.
+    let mut discard = weak.to_vec();
+    discard.extend(["--on-lose", "discard"]);
+    let (ok, out) = trainer(&discard).output_text();
+    assert!(ok && out.contains("not published"), "{out}");
+    assert_eq!(versions(&store).await.len(), 2);
+
+    // --force publishes it anyway, as a new, newer version, labelled stable.
     let mut forced = weak.to_vec();
     forced.push("--force");
     let (ok, out) = trainer(&forced).output_text();
-    assert!(ok && out.contains("PUBLISHED"), "{out}");
+    assert!(ok && out.contains("labelled stable"), "{out}");
     let after = versions(&store).await;
-    assert_eq!(after.len(), 2);
-    assert!(after[1].parse::<u64>().unwrap() > version.parse::<u64>().unwrap());
+    assert_eq!(after.len(), 3);
+    assert!(after[2].parse::<u64>().unwrap() > version.parse::<u64>().unwrap());
+    assert_eq!(labels.label(Label::Stable).await.unwrap().as_deref(), Some(after[2].as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
