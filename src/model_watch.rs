@@ -74,9 +74,9 @@ impl ModelWatcher {
 
     /// The versions worth trying, best first: the pinned one; else the one
     /// the `stable` label names, older or newer than the serving one (a
-    /// rollback or a promotion), unless it was rejected; else (no label, or
-    /// nothing serving yet and the label's version rejected) every version
-    /// newer than the serving one that was not rejected before.
+    /// rollback or a promotion), unless it was rejected (then, if nothing
+    /// serves yet, the versions `stable` named before); else (no label) every
+    /// version newer than the serving one that was not rejected before.
     async fn candidates(&mut self) -> Result<Vec<String>, crate::Error> {
         if self.config.pinned_version.is_none() {
             if let Some(stable) = self.store().await?.label(Label::Stable).await? {
@@ -89,6 +89,17 @@ impl ModelWatcher {
                 if self.serving.is_some() {
                     return Ok(Vec::new()); // the label names a broken version: keep serving
                 }
+                // Nothing serves and stable is broken: where stable was
+                // before, newest first (never the newest version as such,
+                // which may be a canary that lost the champion gate).
+                let history = self.store().await?.label_history(Label::Stable).await?;
+                let mut earlier: Vec<String> = Vec::new();
+                for moved in history.into_iter().rev() {
+                    if !self.rejected.contains(&moved.version) && !earlier.contains(&moved.version) {
+                        earlier.push(moved.version);
+                    }
+                }
+                return Ok(earlier);
             }
         }
         self.unlabelled_candidates().await

@@ -122,6 +122,13 @@ async fn labels_promote_roll_back_and_pin() {
         .await;
     assert_eq!(serving(&scorer).await, v1.version, "a corrupt stable is skipped; the current model keeps serving");
     assert_eq!(serving(&pinned).await, v1.version, "a pinned scorer never moves");
+    // A scorer that starts while stable is corrupt serves where stable was
+    // before (v1), not the newest loadable version (v2, the canary that lost).
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let mut fresh = Scorer::spawn(&kafka, &pinned_topic, &store_url, &common::unique("group"), fresh_dir.path(), &[]);
+    fresh.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
+    assert_eq!(serving(&fresh).await, v1.version, "a broken stable at start falls back along its history");
+    fresh.stop();
 
     publishing.await.unwrap();
     let outputs = read_outputs(&kafka, &format!("{topic}-out"), &sent, Duration::from_secs(30)).await;
