@@ -79,7 +79,9 @@ impl ModelWatcher {
     /// version newer than the serving one that was not rejected before.
     async fn candidates(&mut self) -> Result<Vec<String>, crate::Error> {
         if self.config.pinned_version.is_none() {
-            if let Some(stable) = self.store().await?.label(Label::Stable).await? {
+            let stable = self.store().await?.label(Label::Stable).await?;
+            self.scoring.set_label(Label::Stable, stable.clone());
+            if let Some(stable) = stable {
                 if self.serving.as_ref() == Some(&stable) {
                     return Ok(Vec::new());
                 }

@@ -9,6 +9,7 @@
 //! same queue as work, so every batch is scored by exactly one model and a
 //! swap never drops or double-scores an event.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -17,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::decision::{occluded_rows, Decision, DecisionBands, Reason};
 use crate::features::{EncodeError, FeatureSpec, FEATURE_WIDTH};
-use crate::model::{Model, ModelError};
+use crate::model::{Label, Model, ModelError};
 use crate::payment::{Payment, ScoredPayment};
 use crate::telemetry::metric;
 
@@ -141,6 +142,8 @@ enum Job {
 pub struct ScoringService {
     jobs: mpsc::Sender<Job>,
     current: Arc<RwLock<Option<Arc<ModelInfo>>>>,
+    /// The versions the store's labels named at the model watcher's last look.
+    labels: Arc<RwLock<HashMap<Label, String>>>,
     /// Whether reasons are computed at all (`--reasons`; off only to measure their cost).
     reasons: Arc<AtomicBool>,
     width: usize,
@@ -158,7 +161,21 @@ impl ScoringService {
             .name("fraudstream-scorer".into())
             .spawn(move || run(rx, shared, explaining, max_batch))
             .expect("spawning the scoring thread");
-        Self { jobs, current, reasons, width: FEATURE_WIDTH }
+        Self { jobs, current, labels: Arc::default(), reasons, width: FEATURE_WIDTH }
+    }
+
+    /// Records which version `label` names in the store (`None`: unset).
+    pub fn set_label(&self, label: Label, version: Option<String>) {
+        let mut labels = self.labels.write().expect("labels lock");
+        match version {
+            Some(version) => labels.insert(label, version),
+            None => labels.remove(&label),
+        };
+    }
+
+    /// The version `label` named at the last look, if any.
+    pub fn label(&self, label: Label) -> Option<String> {
+        self.labels.read().expect("labels lock").get(&label).cloned()
     }
 
     /// Turns reason codes on (the default) or off.

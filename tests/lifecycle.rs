@@ -91,6 +91,20 @@ async fn labels_promote_roll_back_and_pin() {
     scorer
         .wait_until("the promoted version to serve", Duration::from_secs(10), async |s| serving(s).await == v2_version)
         .await;
+    // TF Serving's label routes answer for the version the label names.
+    let status: serde_json::Value =
+        reqwest::get(format!("{}/v1/models/payfraud/labels/stable", scorer.http)).await.unwrap().json().await.unwrap();
+    assert_eq!(status["model_version_status"][0]["version"], serde_json::json!(v2.version), "{status}");
+    let row: Vec<f64> = (0..28).map(|i| if [0, 5, 19, 26].contains(&i) { 0.5 } else { 0.0 }).collect();
+    let predicted = reqwest::Client::new()
+        .post(format!("{}/v1/models/payfraud/labels/stable:predict", scorer.http))
+        .body(serde_json::json!({ "instances": [row] }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(predicted.status(), reqwest::StatusCode::OK);
+    let canary = reqwest::get(format!("{}/v1/models/payfraud/labels/canary", scorer.http)).await.unwrap();
+    assert_eq!(canary.status(), reqwest::StatusCode::NOT_FOUND, "no shadow model is loaded");
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Roll back: stable returns to v1, and so does the scorer.

@@ -24,6 +24,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::features::FEATURE_WIDTH;
+use crate::model::Label;
 use crate::payment::{now_ms, Payment, ScoredPayment};
 use crate::pipeline::PipelineState;
 use crate::scoring::{Explain, ScoringError, ScoringService};
@@ -181,7 +182,21 @@ impl Action<'_> {
 struct ModelPath<'a> {
     name: &'a str,
     version: Option<&'a str>,
+    /// `labels/<label>`: the version a store label names.
+    label: Option<&'a str>,
     action: Action<'a>,
+}
+
+impl ModelPath<'_> {
+    /// The version asked for: the path's, or the one its label names
+    /// (404 for a label this scorer does not know).
+    fn requested(&self, s: &ApiState) -> Result<Option<String>, ApiError> {
+        let Some(label) = self.label else { return Ok(self.version.map(str::to_string)) };
+        let known = <Label as crate::choice::Choice>::from_name(label).and_then(|l| s.scoring.label(l));
+        known
+            .map(Some)
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("Unrecognized servable version label: {label}")))
+    }
 }
 
 fn parse_path(rest: &str) -> Option<ModelPath<'_>> {
@@ -190,11 +205,13 @@ fn parse_path(rest: &str) -> Option<ModelPath<'_>> {
         None => (rest, None),
     };
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    let (name, version, metadata) = match segments.as_slice() {
-        [name] => (*name, None, false),
-        [name, "metadata"] => (*name, None, true),
-        [name, "versions", v] => (*name, Some(*v), false),
-        [name, "versions", v, "metadata"] => (*name, Some(*v), true),
+    let (name, version, label, metadata) = match segments.as_slice() {
+        [name] => (*name, None, None, false),
+        [name, "metadata"] => (*name, None, None, true),
+        [name, "versions", v] => (*name, Some(*v), None, false),
+        [name, "versions", v, "metadata"] => (*name, Some(*v), None, true),
+        [name, "labels", l] => (*name, None, Some(*l), false),
+        [name, "labels", l, "metadata"] => (*name, None, Some(*l), true),
         _ => return None,
     };
     if name.is_empty() || (metadata && verb.is_some()) {
@@ -208,7 +225,7 @@ fn parse_path(rest: &str) -> Option<ModelPath<'_>> {
         (false, Some("explain")) => Action::Explain,
         (false, Some(other)) => Action::Unknown(other),
     };
-    Some(ModelPath { name, version, action })
+    Some(ModelPath { name, version, label, action })
 }
 
 /// Resolves a model name and version against the serving model: 404 for
@@ -253,7 +270,8 @@ async fn model_get(State(s): State<ApiState>, Path(rest): Path<String>) -> Respo
     let result = (|| {
         let path = parse_path(&rest)
             .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no such endpoint: /v1/models/{rest}")))?;
-        let model = resolve(&s, path.name, path.version)?;
+        let version = path.requested(&s)?;
+        let model = resolve(&s, path.name, version.as_deref())?;
         match path.action {
             Action::Status => Ok((path.action.endpoint(), Json(status_body(model.as_deref())))),
             Action::Metadata => {
@@ -344,7 +362,8 @@ async fn model_post(
         let path =
             path.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no such endpoint: /v1/models/{rest}")))?;
         let body = body?;
-        resolve(&s, path.name, path.version)?.ok_or(ScoringError::NoModel)?;
+        let version = path.requested(&s)?;
+        resolve(&s, path.name, version.as_deref())?.ok_or(ScoringError::NoModel)?;
         let _slot = take_slot(&s)?;
         let Query(params) = params.map_err(|e| bad_request(format!("query string: {}", e.body_text())))?;
         let explain = if params.explain { Explain::All } else { Explain::AtReview };
@@ -445,7 +464,7 @@ async fn predict(s: &ApiState, path: &ModelPath<'_>, body: &[u8]) -> Result<Valu
     };
     let rows = features.len() / FEATURE_WIDTH;
     let scored = s.scoring.score_rows(features).await?;
-    check_version(path.name, path.version, &scored.model.version)?;
+    check_version(path.name, path.requested(s)?.as_deref(), &scored.model.version)?;
     metrics::counter!(metric::HTTP_ROWS_SCORED).increment(rows as u64);
     let outputs: Vec<[f32; 2]> = scored.outputs;
     Ok(if row_format { json!({ "predictions": outputs }) } else { json!({ "outputs": outputs }) })
@@ -510,7 +529,7 @@ async fn score(
         });
     }
     let batch = s.scoring.score_payments(payments, explain).await?;
-    check_version(path.name, path.version, &batch.model.version)?;
+    check_version(path.name, path.requested(s)?.as_deref(), &batch.model.version)?;
     let scored_at = now_ms();
     let mut predictions: Vec<ScoredPayment> = Vec::with_capacity(batch.payments.len());
     let rows = batch.payments.into_iter().zip(batch.results).zip(batch.reasons);
@@ -529,7 +548,12 @@ mod tests {
     #[test]
     fn parses_tf_serving_paths() {
         let p = |s| parse_path(s);
-        assert_eq!(p("payfraud"), Some(ModelPath { name: "payfraud", version: None, action: Action::Status }));
+        assert_eq!(
+            p("payfraud"),
+            Some(ModelPath { name: "payfraud", version: None, label: None, action: Action::Status })
+        );
+        assert_eq!(p("payfraud/labels/stable:predict").unwrap().label, Some("stable"));
+        assert_eq!(p("payfraud/labels/stable/metadata").unwrap().action, Action::Metadata);
         assert_eq!(p("payfraud/metadata").unwrap().action, Action::Metadata);
         assert_eq!(p("payfraud/versions/17").unwrap().version, Some("17"));
         assert_eq!(p("payfraud/versions/17/metadata").unwrap().action, Action::Metadata);
@@ -538,9 +562,10 @@ mod tests {
         assert_eq!(p("payfraud:classify").unwrap().action, Action::Unknown("classify"));
         assert_eq!(
             p("payfraud/versions/17:predict"),
-            Some(ModelPath { name: "payfraud", version: Some("17"), action: Action::Predict })
+            Some(ModelPath { name: "payfraud", version: Some("17"), label: None, action: Action::Predict })
         );
-        assert_eq!(p("payfraud/labels/x"), None);
+        assert_eq!(p("payfraud/labels/x/y"), None);
+        assert_eq!(p("payfraud/tags/x"), None);
         assert_eq!(p(""), None);
     }
 
