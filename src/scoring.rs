@@ -362,32 +362,25 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: 
             Job::Swap(..) => encoded.push(Vec::new()),
         }
     }
-    let outputs = match model.predict(&features, n) {
-        Ok(outputs) => outputs,
-        Err(e) => {
-            tracing::error!(error = %e, rows = n, "forward pass failed");
-            let error = ScoringError::from(e);
+    let scored = forward(model, info, &features, n).and_then(|outputs| {
+        let reasons = if explaining && info.explains {
+            explain(model, info, &jobs, &encoded, &features, &outputs)?
+        } else {
+            jobs.iter().map(|_| Vec::new()).collect()
+        };
+        Ok((outputs, reasons))
+    });
+    let (outputs, reasons) = match scored {
+        Ok(scored) => scored,
+        Err(error) => {
+            // The model is ours: no job is answered with a partial result.
             for job in jobs {
                 fail(job, error.clone());
             }
             return;
         }
     };
-    let is_probability = |x: f32| x.is_finite() && (0.0..=1.0).contains(&x);
-    if let Some(bad) = outputs.iter().find(|o| !o.iter().all(|x| is_probability(*x))) {
-        let error = ScoringError::NotProbabilities { version: info.version.clone(), output: *bad };
-        tracing::error!(error = %error, rows = n, "model output is not probabilities");
-        for job in jobs {
-            fail(job, error.clone());
-        }
-        return;
-    }
     metrics::histogram!(metric::BATCH_SIZE).record(n as f64);
-    let reasons = if explaining && info.explains {
-        explain(model, info, &jobs, &encoded, &features, &outputs)
-    } else {
-        jobs.iter().map(|_| Vec::new()).collect()
-    };
     metrics::histogram!(metric::INFERENCE_SECONDS).record(started.elapsed().as_secs_f64());
     for ((job, slots), reasons) in jobs.into_iter().zip(encoded).zip(reasons) {
         match job {
@@ -406,6 +399,22 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: 
     }
 }
 
+/// One forward pass over `rows` feature rows, checked: a model that fails or
+/// returns anything but probabilities is an error for the whole batch.
+fn forward(model: &Model, info: &ModelInfo, features: &[f32], rows: usize) -> Result<Vec<[f32; 2]>, ScoringError> {
+    let outputs = model.predict(features, rows).map_err(|e| {
+        tracing::error!(error = %e, rows, "forward pass failed");
+        ScoringError::from(e)
+    })?;
+    let is_probability = |x: f32| x.is_finite() && (0.0..=1.0).contains(&x);
+    if let Some(bad) = outputs.iter().find(|o| !o.iter().all(|x| is_probability(*x))) {
+        let error = ScoringError::NotProbabilities { version: info.version.clone(), output: *bad };
+        tracing::error!(error = %error, rows, "model output is not probabilities");
+        return Err(error);
+    }
+    Ok(outputs)
+}
+
 /// Reasons for the payments that get them (at or above review, or every
 /// one of a job that asks): one more forward pass over their occluded rows,
 /// one row per feature group. Per job, per payment; empty for the others.
@@ -416,7 +425,7 @@ fn explain(
     encoded: &[Vec<Result<usize, EncodeError>>],
     features: &[f32],
     outputs: &[[f32; 2]],
-) -> Vec<Vec<Vec<Reason>>> {
+) -> Result<Vec<Vec<Vec<Reason>>>, ScoringError> {
     let reference = &model.manifest().feature_reference;
     let width = info.feature_spec.width();
     let groups = crate::features::FeatureGroup::ALL.len();
@@ -433,20 +442,14 @@ fn explain(
     }
     let mut reasons: Vec<Vec<Vec<Reason>>> = jobs.iter().map(|_| Vec::new()).collect();
     if wanted.is_empty() {
-        return reasons;
+        return Ok(reasons);
     }
     let mut occluded = Vec::with_capacity(wanted.len() * groups * width);
     for (_, _, row) in &wanted {
         occluded_rows(&info.feature_spec, &features[row * width..(row + 1) * width], reference, &mut occluded);
     }
-    let scores = match model.predict(&occluded, wanted.len() * groups) {
-        Ok(scores) => scores,
-        Err(e) => {
-            // The scores stand; only their explanation is missing.
-            tracing::warn!(error = %e, rows = wanted.len(), "the forward pass for reasons failed");
-            return reasons;
-        }
-    };
+    // Failing here fails the batch: review and block payments never leave without their reasons.
+    let scores = forward(model, info, &occluded, wanted.len() * groups)?;
     metrics::counter!(metric::PAYMENTS_EXPLAINED).increment(wanted.len() as u64);
     for (i, (j, k, row)) in wanted.into_iter().enumerate() {
         let Job::Payments(payments, ..) = &jobs[j] else { continue };
@@ -455,5 +458,5 @@ fn explain(
         per_job.resize_with(payments.len(), Vec::new);
         per_job[k] = crate::decision::reasons(&payments[k], outputs[row][1], &without);
     }
-    reasons
+    Ok(reasons)
 }

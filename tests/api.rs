@@ -277,3 +277,44 @@ async fn an_output_that_is_not_a_probability_is_an_error_not_a_score() {
     let changes = metrics.lines().find(|l| l.starts_with("fraudstream_feature_spec_changes_total"));
     assert!(changes.is_some_and(|l| !l.ends_with(" 0")), "{changes:?}");
 }
+
+/// A model that fails only on the rows reason codes score (a one-hot block
+/// replaced by its training shares): a request for reasons gets 500 naming
+/// the version, never scores without their reasons; a request that needs no
+/// reasons is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_reasons_pass_fails_the_request() {
+    let s = serve(1 << 20).await;
+    let mut manifest = Model::load(&s.model_dir, tch::Device::Cpu).unwrap().manifest().clone();
+    // Nothing reaches review by itself: only ?explain=true asks for reasons.
+    let edge = fraudstream::decision::BandEdge { threshold: 1.0, precision: f64::NAN, recall: f64::NAN };
+    manifest.decision_bands = Some(fraudstream::decision::DecisionBands {
+        review: edge,
+        block: edge,
+        review_recall_target: 0.95,
+        block_precision_target: 0.95,
+    });
+    // softmax(linear(x)) + 0 * log(max(category block) - 0.99): NaN unless the category is one-hot.
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let linear = tch::nn::linear(vs.root(), 28, 2, Default::default());
+    vs.freeze();
+    let mut golden = tch::Tensor::zeros([2, 28], tch::kind::FLOAT_CPU);
+    let _ = golden.narrow(1, 1, 1).fill_(1.0);
+    let module = tch::CModule::create_by_tracing("NanUnlessOneHot", "forward", &[golden], &mut |x| {
+        let probabilities = tch::nn::Module::forward(&linear, &x[0]).softmax(-1, tch::Kind::Float);
+        let poison = (x[0].narrow(1, 1, 15).amax([1i64].as_slice(), true) - 0.99).log() * 0.0;
+        vec![probabilities + poison]
+    })
+    .unwrap();
+    let path = s._dir.path().join("nan-reasons.pt");
+    module.save(&path).unwrap();
+    s.scoring.swap(Model::from_module_file(&path, manifest, tch::Device::Cpu).unwrap()).await.unwrap();
+
+    let body = json!({"instances": [serde_json::to_value(demo_payment()).unwrap()]});
+    let (status, reply) = post(&format!("{}/v1/models/payfraud:score", s.base), body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply["predictions"][0]["decision"], json!("allow"));
+    let (status, reply) = post(&format!("{}/v1/models/payfraud:score?explain=true", s.base), body).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{reply}");
+    assert!(reply["error"].as_str().is_some_and(|e| e.contains("not a pair of probabilities")), "{reply}");
+}
