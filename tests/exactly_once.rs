@@ -210,29 +210,18 @@ async fn a_broker_crash_costs_no_duplicate() {
     let mut scorer = Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &args);
     scorer.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
     let sent = payments(60_000, 64);
-    let producer: rdkafka::producer::FutureProducer =
-        kafka.client_config(&common::INPUT_PRODUCER_SETTINGS).create().unwrap();
-    let publishing = tokio::spawn({
-        let (topic, records) = (topic.clone(), records(&sent));
-        async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            for chunk in records.chunks(1_000) {
-                tick.tick().await;
-                common::publish(&producer, &topic, chunk).await;
-            }
-        }
-    });
-    scorer
-        .wait_until("10,000 outputs", Duration::from_secs(60), async |s| {
-            s.metric("fraudstream_events_out_total").await >= 10_000.0
-        })
-        .await;
-    assert!(!publishing.is_finished(), "the stream ended before the broker was killed; pace it slower");
-    broker.kill9();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    broker = kafka_node(dir.path(), port, controller);
-    wait_kafka(&kafka, Duration::from_secs(90)).await;
-    publishing.await.unwrap();
+    let (dir_path, records) = (dir.path().to_path_buf(), records(&sent));
+    harness::publish_across_a_broker_crash(
+        &kafka,
+        &topic,
+        records,
+        &mut scorer,
+        &mut broker,
+        &dir_path,
+        port,
+        controller,
+    )
+    .await;
     // Give a failed transaction time to end the process, then restart it if it did.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let scorer = if scorer.alive() {

@@ -204,6 +204,45 @@ pub async fn wait_kafka(kafka: &KafkaArgs, timeout: Duration) {
     }
 }
 
+/// Publishes `records` to `topic` at 10,000 a second and, once `scorer` has
+/// 10,000 outputs, kills `broker` (`kill -9`) and restarts it on the same
+/// data (`dir`, `port`, `controller`); returns when everything is published.
+#[allow(clippy::too_many_arguments)]
+pub async fn publish_across_a_broker_crash(
+    kafka: &KafkaArgs,
+    topic: &str,
+    records: Vec<(String, Vec<u8>)>,
+    scorer: &mut Scorer,
+    broker: &mut Service,
+    dir: &Path,
+    port: u16,
+    controller: u16,
+) {
+    let producer: rdkafka::producer::FutureProducer =
+        kafka.client_config(&common::INPUT_PRODUCER_SETTINGS).create().unwrap();
+    let publishing = tokio::spawn({
+        let topic = topic.to_string();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            for chunk in records.chunks(1_000) {
+                tick.tick().await;
+                common::publish(&producer, &topic, chunk).await;
+            }
+        }
+    });
+    scorer
+        .wait_until("10,000 outputs", Duration::from_secs(60), async |s| {
+            s.metric("fraudstream_events_out_total").await >= 10_000.0
+        })
+        .await;
+    assert!(!publishing.is_finished(), "the stream ended before the broker was killed; pace it slower");
+    broker.kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    *broker = kafka_node(dir, port, controller);
+    wait_kafka(kafka, Duration::from_secs(90)).await;
+    publishing.await.unwrap();
+}
+
 /// An input topic with its `-out` and `-dlq` topics.
 pub async fn topic_for(kafka: &KafkaArgs, partitions: i32) -> String {
     let topic = common::unique("fault");
