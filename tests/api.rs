@@ -298,7 +298,7 @@ async fn a_failing_reasons_pass_fails_the_request() {
     let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let linear = tch::nn::linear(vs.root(), 28, 2, Default::default());
     vs.freeze();
-    let mut golden = tch::Tensor::zeros([2, 28], tch::kind::FLOAT_CPU);
+    let golden = tch::Tensor::zeros([2, 28], tch::kind::FLOAT_CPU);
     let _ = golden.narrow(1, 1, 1).fill_(1.0);
     let module = tch::CModule::create_by_tracing("NanUnlessOneHot", "forward", &[golden], &mut |x| {
         let probabilities = tch::nn::Module::forward(&linear, &x[0]).softmax(-1, tch::Kind::Float);
