@@ -467,7 +467,8 @@ async fn main() {
     let input = unique("bench-in");
     ensure_topics(&kafka, &[&input], 4).await.unwrap();
     let producer = create_producer(&kafka).unwrap();
-    let options = PublishOptions { topic: input.clone(), codec: CODEC, rate: None, stamp_event_time: true };
+    let options =
+        PublishOptions { topic: input.clone(), codec: CODEC, rate: None, stamp_event_time: true, labels: None };
     publish_payments(&producer, &options, Simulator::new(events, 7), |_| {}).await.unwrap();
     let (mut relay_rounds, mut scorer_rounds, mut exactly_once_rounds) = (Vec::new(), Vec::new(), Vec::new());
     let mut no_reasons_rounds = Vec::new();

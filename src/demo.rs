@@ -254,7 +254,8 @@ pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
     );
 
     // 4. Live traffic.
-    let options = PublishOptions { topic: names.input.clone(), codec, rate: config.rate, stamp_event_time: true };
+    let options =
+        PublishOptions { topic: names.input.clone(), codec, rate: config.rate, stamp_event_time: true, labels: None };
     let events = config.events;
     let traffic_seed = config.seed + 1;
     let started = Instant::now();

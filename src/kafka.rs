@@ -11,6 +11,14 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 
+/// The partitioner of every fraudstream producer: the Java client's
+/// (murmur2 of the key). librdkafka's default (`consistent_random`, CRC32)
+/// puts a key on another partition than the Java client does, and the
+/// monitor's join relies on payments, scored payments and labels of one
+/// customer sharing a partition number, whoever produced them. Producers in
+/// other languages match by using murmur2 (the Java client's default).
+pub const PARTITIONER: (&str, &str) = ("partitioner", "murmur2_random");
+
 /// Broker address and librdkafka passthrough properties (the binaries map
 /// `--brokers` and `-X key=value` onto it).
 #[derive(Debug, Clone)]

@@ -17,6 +17,7 @@ pub mod kafka;
 pub mod lifecycle;
 pub mod model;
 pub mod model_watch;
+pub mod monitor;
 pub mod payment;
 pub mod pipeline;
 pub mod produce;
@@ -29,7 +30,7 @@ pub mod training;
 
 pub use codec::{Codec, WireFormat};
 pub use features::{FeatureEncoder, FeatureSpec};
-pub use payment::{Payment, ScoredPayment};
+pub use payment::{Payment, PaymentLabel, ScoredPayment};
 pub use simulate::Simulator;
 
 /// Any library failure, for callers that do not need to tell them apart.

@@ -17,7 +17,7 @@ use fraudstream::model::Device;
 use fraudstream::model_watch::WatchConfig;
 use fraudstream::payment::BankSimReader;
 use fraudstream::pipeline::{default_transactional_id, Delivery, GuardLimits, PipelineConfig, TransactionConfig};
-use fraudstream::produce::{create_producer, publish_payments, PublishOptions};
+use fraudstream::produce::{create_producer, publish_payments, LabelStream, PublishOptions};
 use fraudstream::registry::{value_subject, RegistryConfig, SchemaRegistry, WriterSchemas};
 use fraudstream::scorer::{ScorerConfig, ScorerParts};
 use fraudstream::telemetry::{init_logging, LogFormat};
@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 mod cli;
 mod models_cmd;
+mod monitor_cmd;
 
 /// mimalloc instead of glibc malloc: events are allocated on the consumer's
 /// thread and freed on the producer's, which glibc's per-thread arenas handle
@@ -59,6 +60,8 @@ enum Command {
     Demo(DemoArgs),
     /// The versions in a model store and their labels: list, show, label, rollback.
     Models(models_cmd::ModelsArgs),
+    /// Join scored payments with their late labels: live quality per model version, labelled history for retraining.
+    Monitor(monitor_cmd::MonitorArgs),
 }
 
 /// `--brokers` and `-X`, as every command that talks to Kafka takes them.
@@ -310,6 +313,16 @@ struct ProduceArgs {
     /// Partitions for the topic if it has to be created.
     #[arg(long, default_value_t = 4, env = "FRAUDSTREAM_PARTITIONS")]
     partitions: i32,
+    /// Also publish each payment's ground truth (the CSV's or the simulator's `fraud`) to this
+    /// topic as a PaymentLabel, --label-delay after the payment (created with --partitions).
+    #[arg(long, env = "FRAUDSTREAM_LABELS_TOPIC")]
+    labels_topic: Option<String>,
+    /// How long after its payment each label is published.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, env = "FRAUDSTREAM_LABEL_DELAY")]
+    label_delay: Duration,
+    /// The labels' `source` field.
+    #[arg(long, default_value = "fraudstream-produce", env = "FRAUDSTREAM_LABEL_SOURCE")]
+    label_source: String,
 }
 
 #[derive(Debug, Args)]
@@ -357,6 +370,7 @@ fn main() -> Result<()> {
             runtime()?.block_on(score(*args))
         }
         Command::Models(args) => runtime()?.block_on(models_cmd::run(args)),
+        Command::Monitor(args) => runtime()?.block_on(monitor_cmd::monitor(args)),
         Command::Demo(args) => {
             set_threads(args.scoring.threads)?;
             runtime()?.block_on(demo(args))
@@ -454,23 +468,48 @@ fn encode(args: EncodeArgs) -> Result<()> {
 
 async fn produce(args: ProduceArgs) -> Result<()> {
     let kafka = KafkaArgs::from(args.kafka);
-    ensure_topics(&kafka, &[&args.topic], args.partitions).await?;
+    let mut topics = vec![args.topic.as_str()];
+    topics.extend(args.labels_topic.as_deref());
+    ensure_topics(&kafka, &topics, args.partitions).await?;
     let producer = create_producer(&kafka)?;
-    let codec = match args.wire.registry()? {
-        None => args.wire.codec(),
-        Some(registry) => {
-            let subject = value_subject(&args.topic);
+    let registry = args.wire.registry()?;
+    // With a registry, each topic's schema is registered under `<topic>-value` and its id written.
+    let codec_for = |topic: &str, schema: &'static str, name: &str, default_id: u32| {
+        let registry = registry.as_ref();
+        let (subject, name, fallback) = (value_subject(topic), name.to_string(), args.wire.codec());
+        async move {
+            let Some(registry) = registry else { return Ok(Some(fallback.with_schema_id(default_id))) };
             let stop = CancellationToken::new();
             cancel_on_signal(stop.clone());
-            let Some(id) = registry.register_until(&subject, PAYMENT_SCHEMA_JSON, &stop, |_| {}).await? else {
-                return Ok(());
-            };
-            eprintln!("schema registry {}: Payment schema registered under {subject} as id {id}", registry.url());
-            Codec::new(WireFormat::Confluent, id)
+            let Some(id) = registry.register_until(&subject, schema, &stop, |_| {}).await? else { return Ok(None) };
+            eprintln!("schema registry {}: {name} schema registered under {subject} as id {id}", registry.url());
+            anyhow::Ok(Some(Codec::new(WireFormat::Confluent, id)))
         }
     };
-    let options =
-        PublishOptions { topic: args.topic.clone(), codec, rate: args.rate, stamp_event_time: !args.keep_event_time };
+    let Some(codec) = codec_for(&args.topic, PAYMENT_SCHEMA_JSON, "Payment", args.wire.schema_id).await? else {
+        return Ok(());
+    };
+    let labels = match &args.labels_topic {
+        None => None,
+        Some(topic) => {
+            let label_schema = fraudstream::codec::PAYMENT_LABEL_SCHEMA_JSON;
+            let id = fraudstream::codec::PAYMENT_LABEL_SCHEMA_ID;
+            let Some(codec) = codec_for(topic, label_schema, "PaymentLabel", id).await? else { return Ok(()) };
+            Some(LabelStream {
+                topic: topic.clone(),
+                codec,
+                delay: args.label_delay,
+                source: args.label_source.clone(),
+            })
+        }
+    };
+    let options = PublishOptions {
+        topic: args.topic.clone(),
+        codec,
+        rate: args.rate,
+        stamp_event_time: !args.keep_event_time,
+        labels,
+    };
     let (payments, total): (Box<dyn Iterator<Item = Payment>>, Option<u64>) = match (&args.csv, args.simulate) {
         (Some(path), _) => {
             let file = File::open(path).with_context(|| format!("opening BankSim CSV {}", path.display()))?;
@@ -501,8 +540,12 @@ async fn produce(args: ProduceArgs) -> Result<()> {
     let summary = publish_payments(&producer, &options, payments, |sent| bar.set_position(sent)).await?;
     bar.finish_and_clear();
     println!("{summary} to topic {:?} on {}", args.topic, kafka.brokers);
-    if summary.failed > 0 {
-        bail!("{} payments were not delivered; see the warnings above", summary.failed);
+    if summary.failed + summary.labels_failed > 0 {
+        bail!(
+            "{} payments and {} labels were not delivered; see the warnings above",
+            summary.failed,
+            summary.labels_failed
+        );
     }
     Ok(())
 }

@@ -98,6 +98,43 @@ pub struct ScoredPayment {
     pub reasons: Vec<Reason>,
 }
 
+/// The ground truth of one payment, arriving after it (`schemas/payment_label.avsc`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentLabel {
+    pub payment_id: String,
+    /// The record key, as on the payments topic, so a label lands on its payment's partition.
+    pub customer: String,
+    pub fraud: bool,
+    /// When the verdict was given, milliseconds since the Unix epoch.
+    pub labelled_at: i64,
+    /// Who gave it: `chargeback`, `analyst`, `simulator`...
+    pub source: String,
+}
+
+impl PaymentLabel {
+    /// The label of a payment whose ground truth is known, given now by `source`.
+    pub fn of(payment: &Payment, source: &str) -> Option<Self> {
+        Some(Self {
+            payment_id: payment.payment_id.clone(),
+            customer: payment.customer.clone(),
+            fraud: payment.fraud?,
+            labelled_at: now_ms(),
+            source: source.to_string(),
+        })
+    }
+
+    /// What no join can use: a label must name its payment and customer.
+    pub fn validate(&self) -> Result<(), InvalidPayment> {
+        for (field, value) in [("paymentId", &self.payment_id), ("customer", &self.customer)] {
+            if value.is_empty() {
+                return Err(InvalidPayment::EmptyField { payment_id: self.payment_id.clone(), field });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)

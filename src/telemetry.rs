@@ -84,6 +84,34 @@ pub mod metric {
     pub const HTTP_REQUESTS: &str = "fraudstream_http_requests_total";
     /// Counter: rows scored through the REST API.
     pub const HTTP_ROWS_SCORED: &str = "fraudstream_http_rows_scored_total";
+
+    // `fraudstream monitor`
+    /// Counter, labels `input` (scored/labels), `outcome` (joined/waiting/duplicate/corrected): records processed live.
+    pub const MONITOR_RECORDS: &str = "fraudstream_monitor_records_total";
+    /// Counter: joins written to the labelled topic (corrections included).
+    pub const MONITOR_JOINS: &str = "fraudstream_monitor_joins_total";
+    /// Counter, label `kind` (unlabelled/labelled/unmatched-label): entries the label window or size limit dropped.
+    pub const MONITOR_EVICTIONS: &str = "fraudstream_monitor_evictions_total";
+    /// Gauge, label `kind` (scored/labels): entries the join holds.
+    pub const MONITOR_STATE: &str = "fraudstream_monitor_state_entries";
+    /// Histogram, seconds: rebuilding one partition's join after a start or rebalance.
+    pub const MONITOR_REBUILD_SECONDS: &str = "fraudstream_monitor_rebuild_seconds";
+    /// Histogram, seconds: from scoring to the label (labelledAt - scoredAt).
+    pub const MONITOR_LABEL_DELAY_SECONDS: &str = "fraudstream_monitor_label_delay_seconds";
+    /// Gauge, label `version`: labelled payments the live quality numbers are over.
+    pub const MONITOR_LABELLED: &str = "fraudstream_monitor_labelled";
+    /// Gauge, label `version`: live precision at the version's threshold.
+    pub const MONITOR_PRECISION: &str = "fraudstream_monitor_precision";
+    /// Gauge, label `version`: live recall at the version's threshold.
+    pub const MONITOR_RECALL: &str = "fraudstream_monitor_recall";
+    /// Gauge, label `version`: live average precision.
+    pub const MONITOR_AVERAGE_PRECISION: &str = "fraudstream_monitor_average_precision";
+    /// Gauge, label `version`: live ROC-AUC.
+    pub const MONITOR_ROC_AUC: &str = "fraudstream_monitor_roc_auc";
+    /// Gauge, label `version`: share of the scored payments held that the version flagged.
+    pub const MONITOR_ALERT_RATE: &str = "fraudstream_monitor_alert_rate";
+    /// Gauge, label `version`: share of the scored payments held that have a label.
+    pub const MONITOR_LABEL_COVERAGE: &str = "fraudstream_monitor_label_coverage";
 }
 
 /// Installs the Prometheus recorder (once per process) and returns its handle,
@@ -96,6 +124,9 @@ pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
             let latency_buckets = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
             let probability_buckets = [0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99];
             let batch_buckets = [1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0];
+            // Labels come seconds (tests) to weeks (chargebacks) after the score.
+            let label_delay_buckets =
+                [1.0, 10.0, 60.0, 600.0, 3_600.0, 21_600.0, 86_400.0, 604_800.0, 2_592_000.0, 7_776_000.0];
             let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
@@ -111,6 +142,12 @@ pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
                     b.set_buckets_for_metric(
                         metrics_exporter_prometheus::Matcher::Full(metric::BATCH_SIZE.into()),
                         &batch_buckets,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(metric::MONITOR_LABEL_DELAY_SECONDS.into()),
+                        &label_delay_buckets,
                     )
                 })
                 .expect("valid histogram buckets");

@@ -1,4 +1,4 @@
-//! Bytes <-> `Payment` / `ScoredPayment`, in the three wire formats we speak:
+//! Bytes <-> `Payment` / `ScoredPayment` / `PaymentLabel`, in the three wire formats we speak:
 //! Avro binary in the Confluent wire format (magic byte 0, 4-byte big-endian
 //! schema id, body), plain Avro binary, and JSON (one object per line).
 //!
@@ -13,7 +13,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 pub use avro::AvroError;
 
-use crate::payment::{Payment, ScoredPayment};
+use crate::payment::{Payment, PaymentLabel, ScoredPayment};
 
 /// `schemas/payment.avsc`, verbatim.
 pub const PAYMENT_SCHEMA_JSON: &str = include_str!("../../schemas/payment.avsc");
@@ -26,6 +26,11 @@ pub const SCORED_PAYMENT_SCHEMA_ID: u32 = 3;
 /// The `ScoredPayment` schema before decisions (schema id 2), kept for the
 /// compatibility tests and for readers that registered it.
 pub const SCORED_PAYMENT_SCHEMA_V2_JSON: &str = include_str!("../../schemas/history/scored_payment-2.avsc");
+
+/// `schemas/payment_label.avsc`, verbatim.
+pub const PAYMENT_LABEL_SCHEMA_JSON: &str = include_str!("../../schemas/payment_label.avsc");
+/// The Confluent schema id written on labels without a registry.
+pub const PAYMENT_LABEL_SCHEMA_ID: u32 = 10;
 
 /// The Confluent wire format's first byte.
 pub(crate) const CONFLUENT_MAGIC: u8 = 0;
@@ -93,6 +98,19 @@ impl Codec {
 
     pub fn decode_scored(&self, bytes: &[u8]) -> Result<ScoredPayment, CodecError> {
         self.decode(bytes, "ScoredPayment", avro::read_scored_payment)
+    }
+
+    pub fn encode_label(&self, label: &PaymentLabel) -> Result<Vec<u8>, CodecError> {
+        self.encode(label, "PaymentLabel", avro::write_label)
+    }
+
+    pub fn decode_label(&self, bytes: &[u8]) -> Result<PaymentLabel, CodecError> {
+        self.decode(bytes, "PaymentLabel", avro::read_label)
+    }
+
+    /// The same format with another Confluent schema id (labels and outputs carry their own).
+    pub const fn with_schema_id(self, schema_id: u32) -> Self {
+        Self { format: self.format, schema_id }
     }
 
     fn encode<T: Serialize>(
@@ -248,6 +266,7 @@ mod tests {
                 let codec = Codec::new(format, 1);
                 let _ = codec.decode_payment(&bytes);
                 let _ = codec.decode_scored(&bytes);
+                let _ = codec.decode_label(&bytes);
             }
         }
 

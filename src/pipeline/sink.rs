@@ -43,6 +43,8 @@ pub enum DeadLetterReason {
     InvalidPayment,
     /// The scored payment cannot be written in the output format.
     OutputEncoding,
+    /// A label the monitor cannot join (no payment id or customer).
+    InvalidLabel,
 }
 
 impl DeadLetterReason {
@@ -52,6 +54,7 @@ impl DeadLetterReason {
             Self::Undecodable => "undecodable",
             Self::InvalidPayment => "invalid-payment",
             Self::OutputEncoding => "output-encoding",
+            Self::InvalidLabel => "invalid-label",
         }
     }
 }
@@ -180,6 +183,7 @@ impl Sink {
         let queue_messages = config.max_in_flight.saturating_add(1024).to_string();
         let queue_kbytes = (config.max_in_flight_bytes / 1024 * 2).clamp(16 * 1024, 2_097_151).to_string();
         let mut settings = vec![
+            crate::kafka::PARTITIONER,
             ("enable.idempotence", "true"),
             ("linger.ms", "1"),
             ("compression.type", "lz4"),
@@ -493,11 +497,15 @@ mod tests {
 
     #[test]
     fn dead_letter_reasons_have_stable_names() {
-        let names: Vec<&str> =
-            [DeadLetterReason::Undecodable, DeadLetterReason::InvalidPayment, DeadLetterReason::OutputEncoding]
-                .into_iter()
-                .map(DeadLetterReason::as_str)
-                .collect();
-        assert_eq!(names, ["undecodable", "invalid-payment", "output-encoding"]);
+        let names: Vec<&str> = [
+            DeadLetterReason::Undecodable,
+            DeadLetterReason::InvalidPayment,
+            DeadLetterReason::OutputEncoding,
+            DeadLetterReason::InvalidLabel,
+        ]
+        .into_iter()
+        .map(DeadLetterReason::as_str)
+        .collect();
+        assert_eq!(names, ["undecodable", "invalid-payment", "output-encoding", "invalid-label"]);
     }
 }
