@@ -10,7 +10,9 @@
 //!    (BENCH_PHASE=live-max, then BENCH_PHASE=latency BENCH_RATE=..., each
 //!    on a fresh broker);
 //! 4. inference alone at batch sizes 1..4096, codec and simulator speed,
-//!    trainer time on 594,643 rows, and peak RSS.
+//!    trainer time on 594,643 rows, and peak RSS;
+//! 5. the monitor joining one scorer round's output with a label per payment,
+//!    against the scorer's best rate.
 //!
 //! Ratios, not absolute numbers, are the result: the machine is shared.
 //! Tuning aids: BENCH_X="k=v;k=v" (extra librdkafka properties),
@@ -399,6 +401,65 @@ async fn latency_at(
     (p(&scored), p(&readable))
 }
 
+/// Joins per second of an in-process monitor over `scored` (the output of
+/// a scorer round over `Simulator::new(events, 7)`) and one label per
+/// payment, from the first join written to the last.
+async fn monitor_drain(kafka: &KafkaArgs, scored: &str, events: u64) -> f64 {
+    use fraudstream::monitor::{run, MonitorConfig};
+    use rdkafka::consumer::BaseConsumer;
+    let labels = unique("bench-labels");
+    let labelled = unique("bench-labelled");
+    ensure_topics(kafka, &[&labels], 4).await.unwrap();
+    let producer = create_producer(kafka).unwrap();
+    let codec = Codec::new(WireFormat::Confluent, fraudstream::codec::PAYMENT_LABEL_SCHEMA_ID);
+    let records: Vec<(String, Vec<u8>)> = Simulator::new(events, 7)
+        .map(|p| {
+            let label = fraudstream::PaymentLabel::of(&p, "bench").unwrap();
+            (label.customer.clone(), codec.encode_label(&label).unwrap())
+        })
+        .collect();
+    for chunk in records.chunks(50_000) {
+        let sends: Vec<_> = chunk
+            .iter()
+            .map(|(k, v)| producer.send_result(rdkafka::producer::FutureRecord::to(&labels).key(k).payload(v)).unwrap())
+            .collect();
+        for send in sends {
+            send.await.unwrap().unwrap();
+        }
+    }
+    let config = MonitorConfig {
+        kafka: kafka.clone(),
+        group_id: unique("bench-monitor"),
+        scored_topic: scored.into(),
+        labels_topic: labels,
+        output_topic: labelled.clone(),
+        dead_letter_topic: format!("{labelled}-dlq"),
+        codec: CODEC,
+        ..MonitorConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(config, shutdown.clone()));
+    let watcher: BaseConsumer = kafka.client_config(&[]).create().unwrap();
+    let written = || -> i64 {
+        (0..4).map(|p| watcher.fetch_watermarks(&labelled, p, Duration::from_secs(5)).map_or(0, |(_, high)| high)).sum()
+    };
+    let mut started = None;
+    loop {
+        let n = written();
+        if n > 0 && started.is_none() {
+            started = Some(Instant::now());
+        }
+        if n >= events as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = events as f64 / started.expect("joins were written").elapsed().as_secs_f64();
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    rate
+}
+
 /// Trains on the full-size simulated set and publishes to `store`.
 async fn train(store: &str) -> fraudstream::training::RunOutcome {
     run_once(&TrainerOptions {
@@ -472,12 +533,17 @@ async fn main() {
     publish_payments(&producer, &options, Simulator::new(events, 7), |_| {}).await.unwrap();
     let (mut relay_rounds, mut scorer_rounds, mut exactly_once_rounds) = (Vec::new(), Vec::new(), Vec::new());
     let mut no_reasons_rounds = Vec::new();
+    let mut scored_topic = String::new();
     for round in 0..3 {
         for pipeline in [Pipeline::Relay, Pipeline::Scorer, Pipeline::ExactlyOnce, Pipeline::NoReasons] {
             if std::env::var("BENCH_PIPELINE").is_ok_and(|p| p != pipeline.name()) {
                 continue;
             }
-            let config = scorer_config(&kafka, &input, &unique("bench-out"), &store, &cache, pipeline);
+            let output = unique("bench-out");
+            if pipeline == Pipeline::Scorer {
+                scored_topic = output.clone();
+            }
+            let config = scorer_config(&kafka, &input, &output, &store, &cache, pipeline);
             let drain = drain_topic(config, events).await;
             eprintln!(
                 "round {round}: {:12} {:.0} events/s, CPU per event {:.2} us (+ broker {:.2} us)",
@@ -507,6 +573,10 @@ async fn main() {
     // Peak RSS of the real `fraudstream score` process over the same stream.
     let scorer_rss = scorer_process_peak_rss(&kafka, &input, &store, events).await;
     eprintln!("scorer process peak RSS: {scorer_rss:.0} MiB");
+
+    // 5. The monitor over the last scorer round's output and a label per payment.
+    let monitor_rate = monitor_drain(&kafka, &scored_topic, events).await;
+    eprintln!("monitor: {monitor_rate:.0} joins/s");
 
     // 2. One synchronous HTTP :predict call per event, against the scorer's own API.
     let scoring = ScoringService::start(1024, 64);
@@ -590,6 +660,7 @@ async fn main() {
         format!("**{:.0}x** ({scorer_best:.0} vs {http_rate:.0} events/s)", scorer_best / http_rate),
         format!("**{:.2}** ({exactly_once_best:.0} vs {scorer_best:.0} events/s)", exactly_once_best / scorer_best),
         format!("**{:.2}** ({scorer_best:.0} vs {no_reasons_best:.0} events/s)", scorer_best / no_reasons_best),
+        format!("**{:.2}** ({monitor_rate:.0} joins/s vs {scorer_best:.0} events/s)", monitor_rate / scorer_best),
     ];
     if let Some(path) = headline_file {
         std::fs::write(path, headline.join("\n") + "\n").unwrap();
@@ -615,7 +686,8 @@ async fn main() {
         &exactly_once_rounds,
         exactly_once_best,
     ));
-    out.push_str(&format!("| original architecture: sequential HTTP `:predict`, 1 event per call ({http_calls} calls) | | {http_rate:.0} | |\n\n"));
+    out.push_str(&format!("| original architecture: sequential HTTP `:predict`, 1 event per call ({http_calls} calls) | | {http_rate:.0} | |\n"));
+    out.push_str(&format!("| monitor: joins of the scorer's {events} outputs with {events} labels (`payments-labelled` written), vs the scorer's best | | {monitor_rate:.0} joins/s ({:.2}x) | |\n\n", monitor_rate / scorer_best));
     out.push_str("### Inference alone (CPU, one intra-op thread, MLP 28-64-32-2 with its input layer)\n\n| batch | rows/s |\n|---|---|\n");
     for (batch, rate) in &inference_rows {
         out.push_str(&format!("| {batch} | {rate:.0} |\n"));
