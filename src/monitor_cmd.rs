@@ -48,6 +48,9 @@ pub struct MonitorArgs {
     /// How often acknowledged progress is committed.
     #[arg(long, env = "FRAUDSTREAM_COMMIT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     commit_interval: Duration,
+    /// Create the labelled and dead-letter topics (as many partitions as the inputs) if they are missing.
+    #[arg(long, env = "FRAUDSTREAM_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    create_topics: bool,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "FRAUDSTREAM_HTTP_ADDR", default_value = "127.0.0.1:8502")]
     http_addr: std::net::SocketAddr,
@@ -67,6 +70,7 @@ pub async fn monitor(args: MonitorArgs) -> Result<()> {
         quality_window: args.quality_window,
         commit_interval: args.commit_interval,
         http_addr: Some(args.http_addr),
+        create_topics: args.create_topics,
     };
     let shutdown = CancellationToken::new();
     crate::cancel_on_signal(shutdown.clone());
