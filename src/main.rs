@@ -20,7 +20,7 @@ use fraudstream::pipeline::{default_transactional_id, Delivery, GuardLimits, Pip
 use fraudstream::produce::{create_producer, publish_payments, LabelStream, PublishOptions};
 use fraudstream::registry::{value_subject, RegistryConfig, SchemaRegistry, WriterSchemas};
 use fraudstream::scorer::{ScorerConfig, ScorerParts};
-use fraudstream::telemetry::{init_logging, LogFormat};
+use fraudstream::telemetry::{init_logging, init_logging_with, LogFormat};
 use fraudstream::{Codec, FeatureEncoder, FeatureSpec, Payment, Simulator, WireFormat};
 use tokio_util::sync::CancellationToken;
 
@@ -232,6 +232,12 @@ struct DemoArgs {
     /// Also serve the REST API and metrics here during the demo (e.g. 127.0.0.1:8501).
     #[arg(long, env = "FRAUDSTREAM_HTTP_ADDR")]
     http_addr: Option<std::net::SocketAddr>,
+    /// Show the components' log lines (info and up) between the demo's own lines (default: warnings only).
+    #[arg(short, long, env = "FRAUDSTREAM_VERBOSE")]
+    verbose: bool,
+    /// Append the components' log lines (info and up) to this file instead.
+    #[arg(long, env = "FRAUDSTREAM_LOG_FILE", conflicts_with = "verbose")]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -359,7 +365,24 @@ struct ConsumeArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    match &cli.command {
+        // A demo tells its story on stdout and stderr; the components' logs are for -v or a file.
+        Command::Demo(args) if !args.verbose => {
+            let file = match &args.log_file {
+                Some(path) => Some(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .with_context(|| format!("opening the log file {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let level = if file.is_some() { "info" } else { "warn" };
+            init_logging_with(cli.log_format, level, file);
+        }
+        _ => init_logging(cli.log_format),
+    }
     match cli.command {
         Command::Simulate(args) => simulate(args),
         Command::Encode(args) => encode(args),

@@ -19,12 +19,20 @@ impl crate::choice::Choice for LogFormat {
 /// Installs the global tracing subscriber on stderr. The level comes from
 /// `RUST_LOG` (default `info`). Safe to call more than once.
 pub fn init_logging(format: LogFormat) {
+    init_logging_with(format, "info", None);
+}
+
+/// Installs the global tracing subscriber: at `RUST_LOG`'s level (else
+/// `default_level`), on stderr or appended to `file`. Safe to call more than once.
+pub fn init_logging_with(format: LogFormat, default_level: &str, file: Option<std::fs::File>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match (file, format) {
+        (None, LogFormat::Text) => builder.with_writer(std::io::stderr).try_init(),
+        (None, LogFormat::Json) => builder.with_writer(std::io::stderr).json().try_init(),
+        (Some(file), LogFormat::Text) => builder.with_writer(std::sync::Mutex::new(file)).with_ansi(false).try_init(),
+        (Some(file), LogFormat::Json) => builder.with_writer(std::sync::Mutex::new(file)).json().try_init(),
     };
 }
 
