@@ -405,7 +405,7 @@ async fn latency_at(
 /// a scorer round over `Simulator::new(events, 7)`) and one label per
 /// payment, from the first join written to the last.
 async fn monitor_drain(kafka: &KafkaArgs, scored: &str, events: u64) -> f64 {
-    use fraudstream::monitor::{run, MonitorConfig};
+    use fraudstream::monitor::{run, MonitorConfig, MonitorParts};
     use rdkafka::consumer::BaseConsumer;
     let labels = unique("bench-labels");
     let labelled = unique("bench-labelled");
@@ -438,7 +438,7 @@ async fn monitor_drain(kafka: &KafkaArgs, scored: &str, events: u64) -> f64 {
         ..MonitorConfig::default()
     };
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(run(config, shutdown.clone()));
+    let task = tokio::spawn(run(config, MonitorParts::default(), shutdown.clone()));
     let watcher: BaseConsumer = kafka.client_config(&[]).create().unwrap();
     let written = || -> i64 {
         (0..4).map(|p| watcher.fetch_watermarks(&labelled, p, Duration::from_secs(5)).map_or(0, |(_, high)| high)).sum()

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use fraudstream::monitor::{run, MonitorConfig};
+use fraudstream::monitor::{run, MonitorConfig, MonitorParts};
 use fraudstream::{Codec, WireFormat};
 use tokio_util::sync::CancellationToken;
 
@@ -74,6 +74,6 @@ pub async fn monitor(args: MonitorArgs) -> Result<()> {
     };
     let shutdown = CancellationToken::new();
     crate::cancel_on_signal(shutdown.clone());
-    run(config, shutdown).await?;
+    run(config, MonitorParts::default(), shutdown).await?;
     Ok(())
 }

@@ -128,8 +128,15 @@ impl Input {
     }
 }
 
+/// What a running monitor shares with its caller (the demo prints it).
+#[derive(Debug, Clone, Default)]
+pub struct MonitorParts {
+    /// The live numbers of every version, as last exported (every second).
+    pub reports: Arc<Mutex<Vec<quality::VersionReport>>>,
+}
+
 /// Runs the monitor until `shutdown` (Ok, after a last commit) or a failure of ours (Err).
-pub async fn run(config: MonitorConfig, shutdown: CancellationToken) -> Result<(), MonitorError> {
+pub async fn run(config: MonitorConfig, parts: MonitorParts, shutdown: CancellationToken) -> Result<(), MonitorError> {
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = config.http_addr {
         serve_http(addr, ready.clone(), shutdown.clone()).await?;
@@ -149,7 +156,7 @@ pub async fn run(config: MonitorConfig, shutdown: CancellationToken) -> Result<(
         "monitor starting"
     );
     let flag = ready.clone();
-    let result = tokio::task::spawn_blocking(move || poll_loop(config, &flag, &shutdown))
+    let result = tokio::task::spawn_blocking(move || poll_loop(config, parts, &flag, &shutdown))
         .await
         .map_err(|_| MonitorError::Panicked)?;
     ready.store(false, Ordering::SeqCst);
@@ -209,7 +216,12 @@ fn co_partitioned(config: &MonitorConfig) -> Result<usize, MonitorError> {
     Ok(counts[0])
 }
 
-fn poll_loop(config: MonitorConfig, ready: &AtomicBool, shutdown: &CancellationToken) -> Result<(), MonitorError> {
+fn poll_loop(
+    config: MonitorConfig,
+    parts: MonitorParts,
+    ready: &AtomicBool,
+    shutdown: &CancellationToken,
+) -> Result<(), MonitorError> {
     let brokers = config.kafka.brokers.clone();
     let kafka_err = |what| {
         let brokers = brokers.clone();
@@ -229,6 +241,7 @@ fn poll_loop(config: MonitorConfig, ready: &AtomicBool, shutdown: &CancellationT
         .map_err(kafka_err("creating the producer"))?;
     let core = Arc::new(Mutex::new(Core {
         quality: Quality::new(config.quality_window),
+        parts,
         config: config.clone(),
         producer,
         joins: HashMap::new(),

@@ -46,6 +46,7 @@ pub(super) struct Core {
     /// Next offset to commit, per input and partition: everything before it was processed.
     pub(super) positions: HashMap<(Input, i32), i64>,
     pub(super) quality: Quality,
+    pub(super) parts: super::MonitorParts,
     pub(super) versions: HashMap<String, Arc<str>>,
     /// A failure seen in the rebalance callback, for the loop to return.
     pub(super) failure: Option<MonitorError>,
@@ -302,7 +303,8 @@ impl Core {
     }
 
     pub(super) fn export(&self) {
-        for r in self.quality.report() {
+        let reports = self.quality.report();
+        for r in &reports {
             let v = r.version.to_string();
             metrics::gauge!(metric::MONITOR_LABELLED, "version" => v.clone()).set(r.samples as f64);
             metrics::gauge!(metric::MONITOR_PRECISION, "version" => v.clone()).set(r.precision);
@@ -318,6 +320,7 @@ impl Core {
         });
         metrics::gauge!(metric::MONITOR_STATE, "kind" => "scored").set(scored as f64);
         metrics::gauge!(metric::MONITOR_STATE, "kind" => "labels").set(labels as f64);
+        *self.parts.reports.lock().expect("monitor reports lock") = reports;
     }
 }
 
