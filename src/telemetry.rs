@@ -104,7 +104,7 @@ pub mod metric {
     pub const MONITOR_STATE: &str = "fraudstream_monitor_state_entries";
     /// Histogram, seconds: rebuilding one partition's join after a start or rebalance.
     pub const MONITOR_REBUILD_SECONDS: &str = "fraudstream_monitor_rebuild_seconds";
-    /// Histogram, seconds: from scoring to the label (labelledAt - scoredAt).
+    /// Histogram, seconds, label `version` (the serving one): from scoring to the label (labelledAt - scoredAt).
     pub const MONITOR_LABEL_DELAY_SECONDS: &str = "fraudstream_monitor_label_delay_seconds";
     /// Gauge, label `version`: labelled payments the live quality numbers are over.
     pub const MONITOR_LABELLED: &str = "fraudstream_monitor_labelled";

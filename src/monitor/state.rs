@@ -298,7 +298,10 @@ impl Core {
         if live {
             metrics::counter!(metric::MONITOR_JOINS).increment(1);
             let delay = (label.labelled_at - scored_at).max(0) as f64 / 1000.0;
-            metrics::histogram!(metric::MONITOR_LABEL_DELAY_SECONDS).record(delay);
+            if let Some(serving) = served.first() {
+                metrics::histogram!(metric::MONITOR_LABEL_DELAY_SECONDS, "version" => serving.version.to_string())
+                    .record(delay);
+            }
         }
     }
 
