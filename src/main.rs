@@ -206,8 +206,9 @@ struct DemoArgs {
     /// A real Kafka broker (default: an in-process mock cluster).
     #[arg(long, env = "KAFKA_BROKERS")]
     brokers: Option<String>,
-    /// librdkafka properties for --brokers, e.g. `-X security.protocol=SSL`.
-    #[arg(short = 'X', value_name = "KEY=VALUE", requires = "brokers", value_parser = fraudstream::kafka::parse_property)]
+    /// librdkafka properties for --brokers (ignored without it), e.g. `-X security.protocol=SSL`; from the environment:
+    /// `KAFKA_PROPERTIES="k1=v1;k2=v2"`.
+    #[arg(short = 'X', value_name = "KEY=VALUE", env = "KAFKA_PROPERTIES", value_delimiter = ';', value_parser = fraudstream::kafka::parse_property)]
     property: Vec<(String, String)>,
     /// Model store: s3://bucket/prefix or a directory (default: a temporary directory).
     #[arg(long, env = "FRAUDSTREAM_MODEL_STORE")]

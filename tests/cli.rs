@@ -200,3 +200,31 @@ async fn consume_filters_scored_payments() {
     assert!(high.iter().all(|s| s.fraud_probability >= 0.75));
     assert_eq!(consume(&["-n", "3"]).len(), 3);
 }
+
+/// Every flag of every command has an environment fallback, shown in `--help`.
+#[test]
+fn every_flag_has_an_environment_fallback() {
+    for command in ["simulate", "encode", "produce", "consume", "score", "demo", "models", "monitor"] {
+        let help = run_ok(fraudstream().args([command, "--help"]));
+        // An option's block: its line (`  -x, --name <V>  ...`) and the indented lines after it.
+        let mut blocks: Vec<String> = Vec::new();
+        for line in help.lines() {
+            let trimmed = line.trim_start();
+            if trimmed.starts_with('-') && line.len() - trimmed.len() <= 6 {
+                blocks.push(line.to_string());
+            } else if let Some(block) = blocks.last_mut().filter(|_| line.starts_with("   ")) {
+                block.push_str(line);
+            }
+        }
+        assert!(!blocks.is_empty(), "{command}: no options found in\n{help}");
+        for block in blocks {
+            if block.contains("--help") || block.contains("--version") {
+                continue;
+            }
+            assert!(
+                block.contains("[env: "),
+                "`fraudstream {command}`: a flag without an environment fallback:\n{block}"
+            );
+        }
+    }
+}
