@@ -73,7 +73,7 @@ struct KafkaFlags {
     /// Any librdkafka property, e.g. `-X security.protocol=SASL_SSL`; repeatable.
     /// Applied last, so it overrides fraudstream's own settings. From the
     /// environment: `KAFKA_PROPERTIES="k1=v1;k2=v2"`.
-    #[arg(short = 'X', value_name = "KEY=VALUE", env = "KAFKA_PROPERTIES", value_delimiter = ';', value_parser = fraudstream::kafka::parse_property)]
+    #[arg(short = 'X', value_name = "KEY=VALUE", env = "KAFKA_PROPERTIES", hide_env_values = true, value_delimiter = ';', value_parser = fraudstream::kafka::parse_property)]
     property: Vec<(String, String)>,
 }
 
@@ -208,7 +208,7 @@ struct DemoArgs {
     brokers: Option<String>,
     /// librdkafka properties for --brokers (ignored without it), e.g. `-X security.protocol=SSL`; from the environment:
     /// `KAFKA_PROPERTIES="k1=v1;k2=v2"`.
-    #[arg(short = 'X', value_name = "KEY=VALUE", env = "KAFKA_PROPERTIES", value_delimiter = ';', value_parser = fraudstream::kafka::parse_property)]
+    #[arg(short = 'X', value_name = "KEY=VALUE", env = "KAFKA_PROPERTIES", hide_env_values = true, value_delimiter = ';', value_parser = fraudstream::kafka::parse_property)]
     property: Vec<(String, String)>,
     /// Model store: s3://bucket/prefix or a directory (default: a temporary directory).
     #[arg(long, env = "FRAUDSTREAM_MODEL_STORE")]

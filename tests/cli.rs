@@ -228,3 +228,14 @@ fn every_flag_has_an_environment_fallback() {
         }
     }
 }
+
+/// `--help` names the variables but never prints their values: KAFKA_PROPERTIES holds passwords.
+#[test]
+fn help_never_prints_kafka_credentials() {
+    for command in ["produce", "consume", "score", "demo", "monitor"] {
+        let help =
+            run_ok(fraudstream().args([command, "--help"]).env("KAFKA_PROPERTIES", "sasl.password=s3cret-value"));
+        assert!(help.contains("KAFKA_PROPERTIES"), "{command}: {help}");
+        assert!(!help.contains("s3cret-value"), "`fraudstream {command} --help` printed a password:\n{help}");
+    }
+}
