@@ -568,6 +568,7 @@ async fn main() {
             scored_at: 0,
             decision: None,
             reasons: Vec::new(),
+            shadow: None,
         })
         .collect();
     let per_event_us = |f: &mut dyn FnMut(usize)| {

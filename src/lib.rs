@@ -29,7 +29,7 @@ pub mod training;
 
 pub use codec::{Codec, WireFormat};
 pub use features::{FeatureEncoder, FeatureSpec};
-pub use payment::{Payment, ScoredPayment};
+pub use payment::{Payment, ScoredPayment, ShadowScore};
 pub use simulate::Simulator;
 
 /// Any library failure, for callers that do not need to tell them apart.

@@ -96,6 +96,21 @@ pub struct ScoredPayment {
     /// the feature groups that raised P(fraud) most, most first.
     #[serde(default)]
     pub reasons: Vec<Reason>,
+    /// The shadow model's score of the same payment, for comparison only
+    /// (`--shadow`); null without one, when it failed on this batch, and in
+    /// records written before shadow scoring.
+    #[serde(default)]
+    pub shadow: Option<ShadowScore>,
+}
+
+/// What the shadow model (a candidate run beside the serving one) said about
+/// a payment: its version, P(fraud) and the decision by its own bands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowScore {
+    pub model_version: String,
+    pub fraud_probability: f64,
+    pub decision: Decision,
 }
 
 /// Milliseconds since the Unix epoch, now.
