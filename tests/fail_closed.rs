@@ -10,8 +10,7 @@ mod common;
 mod harness;
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use fraudstream::kafka::KafkaArgs;
