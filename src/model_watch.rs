@@ -186,7 +186,12 @@ impl ModelWatcher {
             Ok(named) => named,
             Err(e) => {
                 metrics::counter!(metric::MODEL_LOAD_FAILURES, "reason" => "unavailable").increment(1);
-                tracing::warn!(label = crate::choice::Choice::name(label), error = %e, shadow = ?self.shadow, "cannot read the shadow label; the shadow stays as it is");
+                tracing::warn!(
+                    label = crate::choice::Choice::name(label),
+                    error = %e,
+                    shadow = ?self.shadow,
+                    "cannot read the shadow label; the shadow stays as it is"
+                );
                 return;
             }
         };
@@ -207,7 +212,12 @@ impl ModelWatcher {
             }
             Err(e) => {
                 metrics::counter!(metric::MODEL_LOAD_FAILURES, "reason" => "unavailable").increment(1);
-                tracing::warn!(version, error = %e, shadow = ?self.shadow, "cannot fetch the shadow version; the shadow stays as it is");
+                tracing::warn!(
+                    version,
+                    error = %e,
+                    shadow = ?self.shadow,
+                    "cannot fetch the shadow version; the shadow stays as it is"
+                );
             }
         }
     }

@@ -294,6 +294,27 @@ async fn a_shadow_model_scores_every_event_until_it_is_promoted() {
     assert_eq!(status["model_version_status"].as_array().unwrap().len(), 1, "only v2 is loaded: {status}");
     publishing.await.unwrap();
 
+    // The canary moved to a corrupt version: skipped like any other (logged, counted), and no shadow.
+    let store = ModelStore::open(&store_url).await.unwrap();
+    let corrupt = (v2.version.parse::<u64>().unwrap() + 100).to_string();
+    let mut manifest = store.fetch(&v1.version, &[], &dir.path().join("corrupt")).await.unwrap().manifest;
+    manifest.version = corrupt.clone();
+    store.publish(&manifest, &[("model.pt", b"not a TorchScript module".to_vec())]).await.unwrap();
+    let failures = scorer.metric("fraudstream_model_load_failures_total").await;
+    store.set_label(Label::Canary, &corrupt).await.unwrap();
+    scorer
+        .wait_until("the corrupt canary to be skipped", Duration::from_secs(10), async |s| {
+            s.metric("fraudstream_model_load_failures_total").await > failures
+        })
+        .await;
+    assert_eq!(shadowing(&scorer).await, "0", "no shadow while the canary names a corrupt version");
+    assert_eq!(serving(&scorer).await, v2.version, "the serving model is untouched");
+    let log = scorer.log();
+    assert!(
+        log.lines().any(|l| l.contains("rejected model version") && l.contains(&corrupt)),
+        "the skip is not logged:\n{log}"
+    );
+
     let outputs = read_outputs(&kafka, &format!("{topic}-out"), &sent, Duration::from_secs(30)).await;
     scorer.stop();
     let verified = verify_outputs(&sent, &outputs, &local, "shadow scoring");
