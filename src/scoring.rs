@@ -32,7 +32,7 @@ use crate::model::{Label, Model, ModelError};
 use crate::payment::{Payment, ScoredPayment, ShadowScore};
 use crate::telemetry::metric;
 
-/// What callers may know about the serving model without touching torch.
+/// What callers may know about a loaded model (the serving one or the shadow) without touching torch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     pub name: String,
