@@ -2,7 +2,8 @@
 //! `scripts/bench`, which starts the broker and writes docs/benchmarks.md).
 //!
 //! 1. scorer throughput vs a no-op relay built from the same consumer and
-//!    producer code, on the same broker and the same 1M-event stream;
+//!    producer code, on the same broker and the same 1M-event stream (and
+//!    the scorer exactly once, without reason codes, with a shadow model);
 //! 2. scorer throughput vs the original demo's architecture: one synchronous
 //!    HTTP `:predict` call per event against the scorer's own REST API;
 //! 3. end-to-end latency at 25%, 50% and 75% of the maximum rate the machine
@@ -16,8 +17,8 @@
 //!
 //! Ratios, not absolute numbers, are the result: the machine is shared.
 //! Tuning aids: BENCH_X="k=v;k=v" (extra librdkafka properties),
-//! BENCH_THROUGHPUT_ONLY=1, BENCH_PIPELINE=scorer|relay (only that one, e.g.
-//! under perf), BENCH_EVENTS, BENCH_HTTP_CALLS, BENCH_IN_FLIGHT.
+//! BENCH_THROUGHPUT_ONLY=1, BENCH_PIPELINE=scorer|relay|... (only those, comma-separated,
+//! e.g. under perf), BENCH_EVENTS, BENCH_HTTP_CALLS, BENCH_IN_FLIGHT.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 use fraudstream::api::{router, ApiState};
 use fraudstream::codec::{Codec, WireFormat};
 use fraudstream::kafka::{ensure_topics, KafkaArgs};
-use fraudstream::model::{Model, ModelStore, MODEL_FILE};
+use fraudstream::model::{Label, Model, ModelStore, MODEL_FILE};
 use fraudstream::model_watch::WatchConfig;
 use fraudstream::pipeline::{Delivery, PipelineConfig, TransactionConfig};
 use fraudstream::produce::{create_producer, publish_payments, PublishOptions};
@@ -73,6 +74,8 @@ enum Pipeline {
     ExactlyOnce,
     /// The scorer with `--reasons false`: decisions, no reason codes.
     NoReasons,
+    /// The scorer with `--shadow canary`: every event scored by a second model too.
+    Shadow,
 }
 
 impl Pipeline {
@@ -82,6 +85,7 @@ impl Pipeline {
             Pipeline::Scorer => "scorer",
             Pipeline::ExactlyOnce => "exactly-once",
             Pipeline::NoReasons => "no-reasons",
+            Pipeline::Shadow => "shadow",
         }
     }
 
@@ -122,6 +126,7 @@ fn scorer_config(
             store: store.into(),
             poll_interval: Duration::from_secs(3600),
             cache_dir: cache.to_path_buf(),
+            shadow: (pipeline == Pipeline::Shadow).then_some(Label::Canary),
             ..WatchConfig::default()
         },
         http_addr: None,
@@ -460,6 +465,20 @@ async fn monitor_drain(kafka: &KafkaArgs, scored: &str, events: u64) -> f64 {
     rate
 }
 
+/// Publishes a copy of the stable version as a newer version labelled
+/// `canary`: the shadow model of the shadow rounds, the same size as the
+/// serving one (its cost is the second forward pass, not what it learnt).
+async fn publish_canary(store: &str, cache: &std::path::Path) {
+    let store = ModelStore::open(store).await.unwrap();
+    let stable = store.label(Label::Stable).await.unwrap().expect("the trainer labelled its version stable");
+    let files = store.fetch(&stable, &[MODEL_FILE], cache).await.unwrap();
+    let mut manifest = files.manifest.clone();
+    manifest.version = (stable.parse::<u64>().unwrap() + 1).to_string();
+    let model = std::fs::read(files.dir.join(MODEL_FILE)).unwrap();
+    store.publish(&manifest, &[(MODEL_FILE, model)]).await.unwrap();
+    store.set_label(Label::Canary, &manifest.version).await.unwrap();
+}
+
 /// Trains on the full-size simulated set and publishes to `store`.
 async fn train(store: &str) -> fraudstream::training::RunOutcome {
     run_once(&TrainerOptions {
@@ -521,6 +540,7 @@ async fn main() {
     let started = Instant::now();
     let outcome = train(&store).await;
     let trainer_seconds = started.elapsed().as_secs_f64();
+    publish_canary(&store, &cache).await;
     eprintln!("trainer: {trainer_seconds:.1} s");
     let headline_file = std::env::var("BENCH_HEADLINE_FILE").ok();
 
@@ -532,11 +552,13 @@ async fn main() {
         PublishOptions { topic: input.clone(), codec: CODEC, rate: None, stamp_event_time: true, labels: None };
     publish_payments(&producer, &options, Simulator::new(events, 7), |_| {}).await.unwrap();
     let (mut relay_rounds, mut scorer_rounds, mut exactly_once_rounds) = (Vec::new(), Vec::new(), Vec::new());
-    let mut no_reasons_rounds = Vec::new();
+    let (mut no_reasons_rounds, mut shadow_rounds) = (Vec::new(), Vec::new());
     let mut scored_topic = String::new();
     for round in 0..3 {
-        for pipeline in [Pipeline::Relay, Pipeline::Scorer, Pipeline::ExactlyOnce, Pipeline::NoReasons] {
-            if std::env::var("BENCH_PIPELINE").is_ok_and(|p| p != pipeline.name()) {
+        let pipelines =
+            [Pipeline::Relay, Pipeline::Scorer, Pipeline::ExactlyOnce, Pipeline::NoReasons, Pipeline::Shadow];
+        for pipeline in pipelines {
+            if std::env::var("BENCH_PIPELINE").is_ok_and(|p| !p.split(',').any(|p| p == pipeline.name())) {
                 continue;
             }
             let output = unique("bench-out");
@@ -557,16 +579,21 @@ async fn main() {
                 Pipeline::Scorer => scorer_rounds.push(drain),
                 Pipeline::ExactlyOnce => exactly_once_rounds.push(drain),
                 Pipeline::NoReasons => no_reasons_rounds.push(drain),
+                Pipeline::Shadow => shadow_rounds.push(drain),
             }
         }
     }
     let best = |rounds: &[Drain]| rounds.iter().map(|d| d.rate).fold(f64::NAN, f64::max);
     let (relay_best, scorer_best, exactly_once_best) =
         (best(&relay_rounds), best(&scorer_rounds), best(&exactly_once_rounds));
-    let no_reasons_best = best(&no_reasons_rounds);
+    let (no_reasons_best, shadow_best) = (best(&no_reasons_rounds), best(&shadow_rounds));
     // Tuning aid: BENCH_THROUGHPUT_ONLY=1 stops after the throughput rounds.
     if std::env::var("BENCH_THROUGHPUT_ONLY").is_ok() {
-        println!("relay {relay_best:.0} events/s, scorer {scorer_best:.0} events/s");
+        println!(
+            "relay {relay_best:.0} events/s, scorer {scorer_best:.0} events/s, with a shadow {shadow_best:.0} events/s \
+             (shadow / without {:.2})",
+            shadow_best / scorer_best
+        );
         return;
     }
 
@@ -639,6 +666,7 @@ async fn main() {
             scored_at: 0,
             decision: None,
             reasons: Vec::new(),
+            shadow: None,
         })
         .collect();
     let per_event_us = |f: &mut dyn FnMut(usize)| {
@@ -660,6 +688,7 @@ async fn main() {
         format!("**{:.0}x** ({scorer_best:.0} vs {http_rate:.0} events/s)", scorer_best / http_rate),
         format!("**{:.2}** ({exactly_once_best:.0} vs {scorer_best:.0} events/s)", exactly_once_best / scorer_best),
         format!("**{:.2}** ({scorer_best:.0} vs {no_reasons_best:.0} events/s)", scorer_best / no_reasons_best),
+        format!("**{:.2}** ({shadow_best:.0} vs {scorer_best:.0} events/s)", shadow_best / scorer_best),
         format!("**{:.2}** ({monitor_rate:.0} joins/s vs {scorer_best:.0} events/s)", monitor_rate / scorer_best),
     ];
     if let Some(path) = headline_file {
@@ -681,6 +710,11 @@ async fn main() {
         scorer_best,
     ));
     out.push_str(&row("scorer without reason codes (`--reasons false`)", &no_reasons_rounds, no_reasons_best));
+    out.push_str(&row(
+        "scorer with a shadow model (`--shadow canary`: every event scored by a second version too)",
+        &shadow_rounds,
+        shadow_best,
+    ));
     out.push_str(&row(
         "scorer, exactly once (Kafka transactions every 100 ms or 100,000 records)",
         &exactly_once_rounds,

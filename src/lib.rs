@@ -30,7 +30,7 @@ pub mod training;
 
 pub use codec::{Codec, WireFormat};
 pub use features::{FeatureEncoder, FeatureSpec};
-pub use payment::{Payment, PaymentLabel, ScoredPayment};
+pub use payment::{Payment, PaymentLabel, ScoredPayment, ShadowScore};
 pub use simulate::Simulator;
 
 /// Any library failure, for callers that do not need to tell them apart.

@@ -124,6 +124,10 @@ struct ScoreArgs {
     /// How often to look for a new model version (one LIST call).
     #[arg(long, env = "FRAUDSTREAM_POLL_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
+    /// Shadow scoring: also score every payment with the version this label names (e.g. `canary`),
+    /// following its moves; its score goes into the output's `shadow` field and decides nothing.
+    #[arg(long, env = "FRAUDSTREAM_SHADOW", value_parser = choice::<fraudstream::model::Label>())]
+    shadow: Option<fraudstream::model::Label>,
     /// Local folder for downloaded model versions (default: a temporary folder).
     #[arg(long, env = "FRAUDSTREAM_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
@@ -641,6 +645,7 @@ async fn score(args: ScoreArgs) -> Result<()> {
             device,
             cache_dir: cache,
             load_timeout: args.model_load_timeout,
+            shadow: args.shadow,
         },
         http_addr: Some(args.http_addr),
         model_name: args.model_name,

@@ -10,6 +10,13 @@
 //! (a hash mismatch, a bad manifest, a load that panics or hangs, a failed
 //! validation) is reported (log + metric), remembered and never tried again;
 //! the current model keeps serving.
+//!
+//! With a shadow label (`--shadow canary`) it also keeps the version that
+//! label names loaded beside the serving one, following the label's moves at
+//! the same polls. The shadow is optional: a label that is unset, names the
+//! serving version, or names a version that fails (skipped like any other,
+//! with the same log and metric) means no shadow, and nothing about the
+//! shadow ever stops the serving model from serving.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -33,6 +40,8 @@ pub struct WatchConfig {
     pub cache_dir: PathBuf,
     /// Longest a version may take to load and warm up before it is rejected.
     pub load_timeout: Duration,
+    /// Load the version this label names as the shadow model (`--shadow`).
+    pub shadow: Option<Label>,
 }
 
 impl Default for WatchConfig {
@@ -44,6 +53,7 @@ impl Default for WatchConfig {
             device: tch::Device::Cpu,
             cache_dir: std::env::temp_dir().join(format!("fraudstream-models-{}", std::process::id())),
             load_timeout: DEFAULT_LOAD_TIMEOUT,
+            shadow: None,
         }
     }
 }
@@ -53,6 +63,8 @@ pub struct ModelWatcher {
     store: Option<ModelStore>,
     scoring: ScoringService,
     serving: Option<String>,
+    /// The shadow version loaded beside the serving one.
+    shadow: Option<String>,
     rejected: HashSet<String>,
 }
 
@@ -62,7 +74,7 @@ fn number(version: &str) -> ModelVersion {
 
 impl ModelWatcher {
     pub fn new(config: WatchConfig, scoring: ScoringService) -> Self {
-        Self { config, store: None, scoring, serving: None, rejected: HashSet::new() }
+        Self { config, store: None, scoring, serving: None, shadow: None, rejected: HashSet::new() }
     }
 
     async fn store(&mut self) -> Result<&ModelStore, crate::model::StoreError> {
@@ -125,21 +137,21 @@ impl ModelWatcher {
     }
 
     /// Looks once for a newer valid version and swaps it in; newer versions
-    /// that fail are rejected on the way. Returns whether a swap happened.
+    /// that fail are rejected on the way. Then brings the shadow model in
+    /// line with its label. Returns whether a swap happened.
     pub async fn check(&mut self) -> Result<bool, crate::Error> {
+        let swapped = self.check_serving().await?;
+        if self.serving.is_some() {
+            self.check_shadow().await;
+        }
+        Ok(swapped)
+    }
+
+    async fn check_serving(&mut self) -> Result<bool, crate::Error> {
         for version in self.candidates().await? {
             match self.try_version(&version).await {
                 Ok(()) => return Ok(true),
-                Err(crate::Error::Model(e)) => {
-                    metrics::counter!(metric::MODEL_LOAD_FAILURES, "reason" => "invalid").increment(1);
-                    tracing::error!(
-                        version,
-                        error = %e,
-                        serving = ?self.serving,
-                        "rejected model version; it will not be tried again"
-                    );
-                    self.rejected.insert(version);
-                }
+                Err(crate::Error::Model(e)) => self.reject(version, &e),
                 // The store itself failed: try again at the next poll.
                 Err(e) => return Err(e),
             }
@@ -147,8 +159,90 @@ impl ModelWatcher {
         Ok(false)
     }
 
+    /// A version that failed to fetch, verify, load or validate: logged,
+    /// counted and never tried again.
+    fn reject(&mut self, version: String, error: &crate::model::ModelError) {
+        metrics::counter!(metric::MODEL_LOAD_FAILURES, "reason" => "invalid").increment(1);
+        tracing::error!(
+            version,
+            error = %error,
+            serving = ?self.serving,
+            "rejected model version; it will not be tried again"
+        );
+        self.rejected.insert(version);
+    }
+
+    /// Loads the version the shadow label names as the shadow model, or
+    /// unloads the shadow when that label is unset, names the serving
+    /// version or a rejected one. A store that cannot be read leaves the
+    /// shadow as it is until the next poll.
+    async fn check_shadow(&mut self) {
+        let Some(label) = self.config.shadow else { return };
+        let named = match self.store().await {
+            Ok(store) => store.label(label).await,
+            Err(e) => Err(e),
+        };
+        let named = match named {
+            Ok(named) => named,
+            Err(e) => {
+                metrics::counter!(metric::MODEL_LOAD_FAILURES, "reason" => "unavailable").increment(1);
+                tracing::warn!(
+                    label = crate::choice::Choice::name(label),
+                    error = %e,
+                    shadow = ?self.shadow,
+                    "cannot read the shadow label; the shadow stays as it is"
+                );
+                return;
+            }
+        };
+        self.scoring.set_label(label, named.clone());
+        let wanted = named.filter(|v| Some(v) != self.serving.as_ref() && !self.rejected.contains(v));
+        if wanted == self.shadow {
+            return;
+        }
+        let Some(version) = wanted else {
+            self.set_shadow(None, None).await;
+            return;
+        };
+        match self.load(&version).await {
+            Ok(model) => self.set_shadow(Some(model), Some(version)).await,
+            Err(crate::Error::Model(e)) => {
+                self.reject(version, &e);
+                self.set_shadow(None, None).await;
+            }
+            Err(e) => {
+                metrics::counter!(metric::MODEL_LOAD_FAILURES, "reason" => "unavailable").increment(1);
+                tracing::warn!(
+                    version,
+                    error = %e,
+                    shadow = ?self.shadow,
+                    "cannot fetch the shadow version; the shadow stays as it is"
+                );
+            }
+        }
+    }
+
+    async fn set_shadow(&mut self, model: Option<crate::model::Model>, version: Option<String>) {
+        if self.scoring.set_shadow(model).await.is_ok() {
+            tracing::info!(shadow = ?version, previous = ?self.shadow, serving = ?self.serving, "shadow model changed");
+            self.shadow = version;
+        }
+    }
+
     /// Fetches, verifies, loads and warms up `version`, then swaps it in.
     async fn try_version(&mut self, version: &str) -> Result<(), crate::Error> {
+        let model = self.load(version).await?;
+        self.scoring
+            .swap(model)
+            .await
+            .map_err(|e| crate::model::ModelError::Invalid { version: version.into(), reason: e.to_string() })?;
+        tracing::info!(version, previous = ?self.serving, skipped = ?self.rejected, "swapped in a new model version");
+        self.serving = Some(version.to_string());
+        Ok(())
+    }
+
+    /// Fetches, verifies, loads and warms up `version`.
+    async fn load(&mut self, version: &str) -> Result<crate::model::Model, crate::Error> {
         let cache_dir = self.config.cache_dir.clone();
         let files = self.store().await?.fetch(version, &[MODEL_FILE], &cache_dir).await.map_err(|e| match e {
             // A manifest in the wrong folder is the version's fault, not the store's.
@@ -160,14 +254,7 @@ impl ModelWatcher {
             }
             e => e.into(),
         })?;
-        let model = load_guarded(files.dir, self.config.device, self.config.load_timeout).await?;
-        self.scoring
-            .swap(model)
-            .await
-            .map_err(|e| crate::model::ModelError::Invalid { version: version.into(), reason: e.to_string() })?;
-        tracing::info!(version, previous = ?self.serving, skipped = ?self.rejected, "swapped in a new model version");
-        self.serving = Some(version.to_string());
-        Ok(())
+        Ok(load_guarded(files.dir, self.config.device, self.config.load_timeout).await?)
     }
 
     /// Retries with back-off (1 s doubling to 30 s) until a model serves, or shutdown.
@@ -200,7 +287,7 @@ impl ModelWatcher {
 
     /// Polls until shutdown. Errors (store down, bad version) are logged; the current model keeps serving.
     pub async fn watch(mut self, shutdown: CancellationToken) {
-        if self.config.pinned_version.is_some() {
+        if self.config.pinned_version.is_some() && self.config.shadow.is_none() {
             return;
         }
         loop {

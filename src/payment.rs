@@ -96,6 +96,24 @@ pub struct ScoredPayment {
     /// the feature groups that raised P(fraud) most, most first.
     #[serde(default)]
     pub reasons: Vec<Reason>,
+    /// The shadow model's score of the same payment, for comparison only
+    /// (`--shadow`); null without one, when it failed on this batch, and in
+    /// records written before shadow scoring.
+    #[serde(default)]
+    pub shadow: Option<ShadowScore>,
+}
+
+/// What the shadow model (a candidate run beside the serving one) said about
+/// a payment: its version, P(fraud), whether its threshold flags it and the
+/// decision by its own bands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowScore {
+    pub model_version: String,
+    pub fraud_probability: f64,
+    /// `fraudProbability >=` the shadow version's own threshold.
+    pub is_fraud: bool,
+    pub decision: Decision,
 }
 
 /// The ground truth of one payment, arriving after it (`schemas/payment_label.avsc`).

@@ -8,6 +8,16 @@
 //! encoded by the same model that scores them. Model swaps travel through the
 //! same queue as work, so every batch is scored by exactly one model and a
 //! swap never drops or double-scores an event.
+//!
+//! Shadow scoring: a second model (the version a label such as `canary`
+//! names, `--shadow`) may be loaded beside the serving one, through the same
+//! queue. Every payment of a batch is then also scored by it, in the same
+//! micro-batch, and its score rides along in the output's `shadow` field;
+//! everything the output decides comes from the serving model. The shadow is
+//! an experiment: when it fails or returns something that is not a
+//! probability, the batch leaves without shadow scores (counted and logged),
+//! never failed nor dead-lettered. A shadow of the serving version itself is
+//! no shadow: it is dropped when the serving model becomes that version.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,10 +29,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::decision::{occluded_rows, Decision, DecisionBands, Reason};
 use crate::features::{EncodeError, FeatureSpec, FEATURE_WIDTH};
 use crate::model::{Label, Model, ModelError};
-use crate::payment::{Payment, ScoredPayment};
+use crate::payment::{Payment, ScoredPayment, ShadowScore};
 use crate::telemetry::metric;
 
-/// What callers may know about the serving model without touching torch.
+/// What callers may know about a loaded model (the serving one or the shadow) without touching torch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     pub name: String,
@@ -37,8 +47,16 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     /// A payment's score as the output says it, stream and REST alike: the
-    /// one place where `p >= threshold` becomes `isFraud` and the bands a decision.
-    pub fn verdict(&self, payment: Payment, p_fraud: f32, reasons: Vec<Reason>, scored_at: i64) -> ScoredPayment {
+    /// one place where `p >= threshold` becomes `isFraud` and the bands a
+    /// decision. `shadow`: the shadow model and its P(fraud), if it scored the payment.
+    pub fn verdict(
+        &self,
+        payment: Payment,
+        p_fraud: f32,
+        reasons: Vec<Reason>,
+        shadow: Option<(&ModelInfo, f32)>,
+        scored_at: i64,
+    ) -> ScoredPayment {
         let mut output = ScoredPayment {
             payment,
             fraud_probability: 0.0,
@@ -49,18 +67,50 @@ impl ModelInfo {
             scored_at,
             decision: None,
             reasons: Vec::new(),
+            shadow: None,
         };
-        self.rescore(&mut output, p_fraud, reasons);
+        self.rescore(&mut output, p_fraud, reasons, shadow);
         output
     }
 
-    /// Sets the score, `isFraud`, the decision and the reasons of `output`
-    /// (a verdict of this model, reused for the next payment of a batch).
-    pub fn rescore(&self, output: &mut ScoredPayment, p_fraud: f32, reasons: Vec<Reason>) {
+    /// Sets the score, `isFraud`, the decision, the reasons and the shadow
+    /// score of `output` (a verdict of this model, reused for the next
+    /// payment of a batch).
+    pub fn rescore(
+        &self,
+        output: &mut ScoredPayment,
+        p_fraud: f32,
+        reasons: Vec<Reason>,
+        shadow: Option<(&ModelInfo, f32)>,
+    ) {
         output.fraud_probability = f64::from(p_fraud);
-        output.is_fraud = output.fraud_probability >= self.threshold;
+        output.is_fraud = self.flags(output.fraud_probability);
         output.decision = Some(self.bands.decide(output.fraud_probability));
         output.reasons = reasons;
+        let reused = output.shadow.take();
+        output.shadow = shadow.map(|(model, p)| model.shadow_score(p, reused));
+    }
+
+    /// Whether this model flags P(fraud) `p` as fraud: the rule behind `isFraud`.
+    pub fn flags(&self, p: f64) -> bool {
+        p >= self.threshold
+    }
+
+    /// This model's score as a shadow: its version, P(fraud), whether its own
+    /// threshold flags it and the decision by its own bands. `reuse`: a shadow
+    /// score whose version string may be kept.
+    pub fn shadow_score(&self, p_fraud: f32, reuse: Option<ShadowScore>) -> ShadowScore {
+        let fraud_probability = f64::from(p_fraud);
+        let (is_fraud, decision) = (self.flags(fraud_probability), self.bands.decide(fraud_probability));
+        match reuse {
+            Some(mut score) if score.model_version == self.version => {
+                score.fraud_probability = fraud_probability;
+                score.is_fraud = is_fraud;
+                score.decision = decision;
+                score
+            }
+            _ => ShadowScore { model_version: self.version.clone(), fraud_probability, is_fraud, decision },
+        }
     }
 
     fn of(model: &Model) -> Self {
@@ -87,6 +137,11 @@ impl ModelInfo {
 pub enum ScoringError {
     #[error("no model is loaded yet")]
     NoModel,
+    #[error(
+        "no shadow model is loaded (start the scorer with --shadow <label> and point that label at a \
+         version other than the serving one)"
+    )]
+    NoShadow,
     #[error("the scoring service has stopped")]
     Stopped,
     #[error(transparent)]
@@ -114,6 +169,31 @@ pub struct ScoredBatch {
     pub results: Vec<Result<[f32; 2], EncodeError>>,
     /// Each payment's reasons (empty where none were computed).
     pub reasons: Vec<Vec<Reason>>,
+    /// The shadow model's scores, if one is loaded and its pass succeeded.
+    pub shadow: Option<ShadowScores>,
+}
+
+/// The shadow model's P(fraud) for each payment of a batch (`None` where its
+/// encoder rejected the payment).
+pub struct ShadowScores {
+    pub model: Arc<ModelInfo>,
+    pub p_fraud: Vec<Option<f32>>,
+}
+
+impl ShadowScores {
+    /// The shadow model and its P(fraud) for the `i`th payment, if it scored it.
+    pub fn of(&self, i: usize) -> Option<(&ModelInfo, f32)> {
+        Some((&self.model, self.p_fraud.get(i).copied().flatten()?))
+    }
+}
+
+/// Which loaded model a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The serving model (the stream, and REST unless it names the shadow version).
+    Serving,
+    /// The shadow model (REST requests for its version or label).
+    Shadow,
 }
 
 /// Which payments of a job get reasons.
@@ -132,16 +212,34 @@ pub struct ScoredRows {
 }
 
 enum Job {
-    Payments(Vec<Payment>, Explain, oneshot::Sender<Result<ScoredBatch, ScoringError>>),
-    Rows(Vec<f32>, oneshot::Sender<Result<ScoredRows, ScoringError>>),
+    Payments(Vec<Payment>, Explain, Target, oneshot::Sender<Result<ScoredBatch, ScoringError>>),
+    Rows(Vec<f32>, Target, oneshot::Sender<Result<ScoredRows, ScoringError>>),
     Swap(Box<Model>, oneshot::Sender<()>),
+    /// Loads (or with `None` unloads) the shadow model.
+    Shadow(Option<Box<Model>>, oneshot::Sender<()>),
+}
+
+impl Job {
+    fn target(&self) -> Option<Target> {
+        match self {
+            Job::Payments(_, _, target, _) | Job::Rows(_, target, _) => Some(*target),
+            Job::Swap(..) | Job::Shadow(..) => None,
+        }
+    }
+}
+
+/// What the scoring thread shares with callers about the loaded models.
+#[derive(Default)]
+struct Loaded {
+    serving: RwLock<Option<Arc<ModelInfo>>>,
+    shadow: RwLock<Option<Arc<ModelInfo>>>,
 }
 
 /// Handle to the scoring thread; cheap to clone.
 #[derive(Clone)]
 pub struct ScoringService {
     jobs: mpsc::Sender<Job>,
-    current: Arc<RwLock<Option<Arc<ModelInfo>>>>,
+    loaded: Arc<Loaded>,
     /// The versions the store's labels named at the model watcher's last look.
     labels: Arc<RwLock<HashMap<Label, String>>>,
     /// Whether reasons are computed at all (`--reasons`; off only to measure their cost).
@@ -154,14 +252,14 @@ impl ScoringService {
     /// one forward pass; `queue` bounds waiting jobs (backpressure).
     pub fn start(max_batch: usize, queue: usize) -> Self {
         let (jobs, rx) = mpsc::channel(queue);
-        let current = Arc::new(RwLock::new(None));
+        let loaded = Arc::new(Loaded::default());
         let reasons = Arc::new(AtomicBool::new(true));
-        let (shared, explaining) = (current.clone(), reasons.clone());
+        let (shared, explaining) = (loaded.clone(), reasons.clone());
         std::thread::Builder::new()
             .name("fraudstream-scorer".into())
             .spawn(move || run(rx, shared, explaining, max_batch))
             .expect("spawning the scoring thread");
-        Self { jobs, current, labels: Arc::default(), reasons, width: FEATURE_WIDTH }
+        Self { jobs, loaded, labels: Arc::default(), reasons, width: FEATURE_WIDTH }
     }
 
     /// Records which version `label` names in the store (`None`: unset).
@@ -185,53 +283,112 @@ impl ScoringService {
 
     /// The serving model, if any.
     pub fn model(&self) -> Option<Arc<ModelInfo>> {
-        self.current.read().expect("model info lock").clone()
+        self.loaded.serving.read().expect("model info lock").clone()
     }
 
-    /// Puts `model` in service after every job queued before it.
+    /// The shadow model, if one is loaded.
+    pub fn shadow(&self) -> Option<Arc<ModelInfo>> {
+        self.loaded.shadow.read().expect("model info lock").clone()
+    }
+
+    /// Puts `model` in service after every job queued before it. A shadow of
+    /// the same version is unloaded with the swap (it would only repeat the score).
     pub async fn swap(&self, model: Model) -> Result<(), ScoringError> {
         let (tx, rx) = oneshot::channel();
         self.jobs.send(Job::Swap(Box::new(model), tx)).await.map_err(|_| ScoringError::Stopped)?;
         rx.await.map_err(|_| ScoringError::Stopped)
     }
 
-    /// Queues payments for scoring; the returned receiver yields the result.
-    /// Waits while the queue is full.
+    /// Loads `model` as the shadow (or unloads it with `None`) after every
+    /// job queued before it. A model of the serving version is not loaded.
+    pub async fn set_shadow(&self, model: Option<Model>) -> Result<(), ScoringError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs.send(Job::Shadow(model.map(Box::new), tx)).await.map_err(|_| ScoringError::Stopped)?;
+        rx.await.map_err(|_| ScoringError::Stopped)
+    }
+
+    /// Queues payments for scoring by the serving model; the returned
+    /// receiver yields the result. Waits while the queue is full.
     pub async fn submit(
         &self,
         payments: Vec<Payment>,
         explain: Explain,
     ) -> Result<oneshot::Receiver<Result<ScoredBatch, ScoringError>>, ScoringError> {
+        self.submit_to(Target::Serving, payments, explain).await
+    }
+
+    /// Queues payments for scoring by `target`.
+    pub async fn submit_to(
+        &self,
+        target: Target,
+        payments: Vec<Payment>,
+        explain: Explain,
+    ) -> Result<oneshot::Receiver<Result<ScoredBatch, ScoringError>>, ScoringError> {
         let (tx, rx) = oneshot::channel();
-        self.jobs.send(Job::Payments(payments, explain, tx)).await.map_err(|_| ScoringError::Stopped)?;
+        self.jobs.send(Job::Payments(payments, explain, target, tx)).await.map_err(|_| ScoringError::Stopped)?;
         Ok(rx)
     }
 
-    /// Scores payments and waits for the result.
+    /// Scores payments with the serving model and waits for the result.
     pub async fn score_payments(&self, payments: Vec<Payment>, explain: Explain) -> Result<ScoredBatch, ScoringError> {
-        self.submit(payments, explain).await?.await.map_err(|_| ScoringError::Stopped)?
+        self.score_payments_on(Target::Serving, payments, explain).await
     }
 
-    /// Scores already-encoded rows (`width` floats each) and waits for the result.
+    /// Scores payments with `target` and waits for the result.
+    pub async fn score_payments_on(
+        &self,
+        target: Target,
+        payments: Vec<Payment>,
+        explain: Explain,
+    ) -> Result<ScoredBatch, ScoringError> {
+        self.submit_to(target, payments, explain).await?.await.map_err(|_| ScoringError::Stopped)?
+    }
+
+    /// Scores already-encoded rows (`width` floats each) with the serving
+    /// model and waits for the result.
     pub async fn score_rows(&self, features: Vec<f32>) -> Result<ScoredRows, ScoringError> {
+        self.score_rows_on(Target::Serving, features).await
+    }
+
+    /// Scores already-encoded rows with `target` and waits for the result.
+    pub async fn score_rows_on(&self, target: Target, features: Vec<f32>) -> Result<ScoredRows, ScoringError> {
         if features.len() % self.width != 0 {
             return Err(ScoringError::BadWidth { got: features.len(), width: self.width });
         }
         let (tx, rx) = oneshot::channel();
-        self.jobs.send(Job::Rows(features, tx)).await.map_err(|_| ScoringError::Stopped)?;
+        self.jobs.send(Job::Rows(features, target, tx)).await.map_err(|_| ScoringError::Stopped)?;
         rx.await.map_err(|_| ScoringError::Stopped)?
     }
 }
 
+/// A loaded model and what callers may know of it.
+type InService = (Model, Arc<ModelInfo>);
+
+/// Sets the gauges of the shadow model: `version` loaded (1) or unloaded (0).
+fn shadow_gauges(version: &str, loaded: bool) {
+    metrics::gauge!(metric::SHADOW_LOADED, "version" => version.to_string()).set(if loaded { 1.0 } else { 0.0 });
+    let number = crate::model::ModelVersion::parse(version).map_or(0.0, |v| v.0 as f64);
+    metrics::gauge!(metric::SHADOW_VERSION).set(if loaded { number } else { 0.0 });
+}
+
 /// The scoring thread: takes every job already waiting (up to `max_batch`
-/// rows), runs one forward pass over all of them, and answers each.
-fn run(
-    mut rx: mpsc::Receiver<Job>,
-    current: Arc<RwLock<Option<Arc<ModelInfo>>>>,
-    reasons: Arc<AtomicBool>,
-    max_batch: usize,
-) {
-    let mut model: Option<(Model, Arc<ModelInfo>)> = None;
+/// rows), runs one forward pass over all of them (and one with the shadow
+/// model, if loaded), and answers each.
+fn run(mut rx: mpsc::Receiver<Job>, loaded: Arc<Loaded>, reasons: Arc<AtomicBool>, max_batch: usize) {
+    let mut model: Option<InService> = None;
+    let mut shadow: Option<InService> = None;
+    let set_shadow = |shadow: &mut Option<InService>, new: Option<InService>| {
+        if let Some((_, old)) = shadow.as_ref() {
+            shadow_gauges(&old.version, false);
+            tracing::info!(version = %old.version, "shadow model unloaded");
+        }
+        if let Some((_, info)) = &new {
+            shadow_gauges(&info.version, true);
+            tracing::info!(version = %info.version, device = %info.device, "shadow model loaded");
+        }
+        *loaded.shadow.write().expect("model info lock") = new.as_ref().map(|(_, info)| info.clone());
+        *shadow = new;
+    };
     let mut pending: Option<Job> = None;
     loop {
         let Some(first) = pending.take().or_else(|| rx.blocking_recv()) else { return };
@@ -240,42 +397,62 @@ fn run(
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job {
+                Job::Swap(..) | Job::Shadow(..) if !jobs.is_empty() => {
+                    // Score what came before the swap with the old models first.
+                    pending = Some(job);
+                    break;
+                }
                 Job::Swap(new, done) => {
-                    if jobs.is_empty() {
-                        let info = Arc::new(ModelInfo::of(&new));
-                        tracing::info!(version = %info.version, device = %info.device, "model in service");
-                        metrics::counter!(metric::MODEL_SWAPS).increment(1);
-                        if let Some((_, old)) = &model {
-                            metrics::gauge!(metric::MODEL_LOADED, "version" => old.version.clone()).set(0.0);
-                            if old.feature_spec != info.feature_spec {
-                                // Pre-encoded clients (`:predict`) must encode differently from now on.
-                                tracing::warn!(
-                                    from = %old.version,
-                                    to = %info.version,
-                                    old_spec = ?old.feature_spec,
-                                    new_spec = ?info.feature_spec,
-                                    "the new version encodes features differently"
-                                );
-                                metrics::counter!(metric::FEATURE_SPEC_CHANGES).increment(1);
-                            }
+                    let info = Arc::new(ModelInfo::of(&new));
+                    tracing::info!(version = %info.version, device = %info.device, "model in service");
+                    metrics::counter!(metric::MODEL_SWAPS).increment(1);
+                    if let Some((_, old)) = &model {
+                        metrics::gauge!(metric::MODEL_LOADED, "version" => old.version.clone()).set(0.0);
+                        if old.feature_spec != info.feature_spec {
+                            // Pre-encoded clients (`:predict`) must encode differently from now on.
+                            tracing::warn!(
+                                from = %old.version,
+                                to = %info.version,
+                                old_spec = ?old.feature_spec,
+                                new_spec = ?info.feature_spec,
+                                "the new version encodes features differently"
+                            );
+                            metrics::counter!(metric::FEATURE_SPEC_CHANGES).increment(1);
                         }
-                        metrics::gauge!(metric::MODEL_LOADED, "version" => info.version.clone()).set(1.0);
-                        let number = crate::model::ModelVersion::parse(&info.version).map_or(0.0, |v| v.0 as f64);
-                        metrics::gauge!(metric::MODEL_VERSION).set(number);
-                        *current.write().expect("model info lock") = Some(info.clone());
-                        model = Some((*new, info));
-                        let _ = done.send(());
-                    } else {
-                        // Score what came before the swap with the old model first.
-                        pending = Some(Job::Swap(new, done));
-                        break;
                     }
+                    metrics::gauge!(metric::MODEL_LOADED, "version" => info.version.clone()).set(1.0);
+                    let number = crate::model::ModelVersion::parse(&info.version).map_or(0.0, |v| v.0 as f64);
+                    metrics::gauge!(metric::MODEL_VERSION).set(number);
+                    *loaded.serving.write().expect("model info lock") = Some(info.clone());
+                    if shadow.as_ref().is_some_and(|(_, s)| s.version == info.version) {
+                        // The shadow now serves: shadowing it would only repeat the score.
+                        set_shadow(&mut shadow, None);
+                    }
+                    model = Some((*new, info));
+                    let _ = done.send(());
+                }
+                Job::Shadow(new, done) => {
+                    let new = new.map(|m| {
+                        let info = Arc::new(ModelInfo::of(&m));
+                        (*m, info)
+                    });
+                    let serving = model.as_ref().map(|(_, info)| info.version.as_str());
+                    let new = new.filter(|(_, info)| Some(info.version.as_str()) != serving);
+                    let same = match (&shadow, &new) {
+                        (None, None) => true,
+                        (Some((_, a)), Some((_, b))) => a.version == b.version,
+                        _ => false,
+                    };
+                    if !same {
+                        set_shadow(&mut shadow, new);
+                    }
+                    let _ = done.send(());
                 }
                 job => {
                     rows += match &job {
                         Job::Payments(p, ..) => p.len(),
-                        Job::Rows(f, _) => f.len() / FEATURE_WIDTH,
-                        Job::Swap(..) => 0,
+                        Job::Rows(f, ..) => f.len() / FEATURE_WIDTH,
+                        Job::Swap(..) | Job::Shadow(..) => 0,
                     };
                     jobs.push(job);
                     if rows < max_batch {
@@ -287,44 +464,57 @@ fn run(
         if jobs.is_empty() {
             continue;
         }
-        match &model {
-            None => {
-                for job in jobs {
-                    fail(job, ScoringError::NoModel);
-                }
+        let (for_shadow, for_serving): (Vec<Job>, Vec<Job>) =
+            jobs.into_iter().partition(|job| job.target() == Some(Target::Shadow));
+        let explaining = reasons.load(Ordering::Relaxed);
+        for (jobs, target) in [(for_serving, Target::Serving), (for_shadow, Target::Shadow)] {
+            if jobs.is_empty() {
+                continue;
             }
-            Some((model, info)) => {
-                // A panic inside libtorch must not kill the scoring thread: the
-                // batch's jobs are dropped with it (their callers see the
-                // reply channel close, a scoring failure) and the thread lives.
-                let explaining = reasons.load(Ordering::Relaxed);
-                let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    score_jobs(model, info, jobs, explaining)
-                }));
-                if let Err(panic) = scored {
-                    let message = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "unknown panic".into());
-                    tracing::error!(version = %info.version, message, "the model panicked while scoring");
+            let (scoring, beside) = match target {
+                Target::Serving => (model.as_ref(), shadow.as_ref()),
+                Target::Shadow => (shadow.as_ref(), None),
+            };
+            let Some((scoring, info)) = scoring else {
+                let error = if target == Target::Serving { ScoringError::NoModel } else { ScoringError::NoShadow };
+                for job in jobs {
+                    fail(job, error.clone());
                 }
+                continue;
+            };
+            // A panic inside libtorch must not kill the scoring thread: the
+            // batch's jobs are dropped with it (their callers see the
+            // reply channel close, a scoring failure) and the thread lives.
+            let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                score_jobs(scoring, info, jobs, explaining, beside)
+            }));
+            if let Err(panic) = scored {
+                tracing::error!(version = %info.version, message = panic_message(&panic), "the model panicked while scoring");
             }
         }
     }
 }
 
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 fn fail(job: Job, error: ScoringError) {
     match job {
-        Job::Payments(_, _, reply) => drop(reply.send(Err(error))),
-        Job::Rows(_, reply) => drop(reply.send(Err(error))),
-        Job::Swap(..) => {}
+        Job::Payments(.., reply) => drop(reply.send(Err(error))),
+        Job::Rows(.., reply) => drop(reply.send(Err(error))),
+        Job::Swap(..) | Job::Shadow(..) => {}
     }
 }
 
 /// Encodes every job's payments with the model's encoder, runs one forward
-/// pass over all rows, and hands each job its slice.
-fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: bool) {
+/// pass over all rows (and, with a `shadow` model, one more over the
+/// payments), and hands each job its slice.
+fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: bool, shadow: Option<&InService>) {
     let started = Instant::now();
     let encoder = model.encoder();
     let width = encoder.width();
@@ -332,8 +522,8 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: 
         .iter()
         .map(|job| match job {
             Job::Payments(p, ..) => p.len(),
-            Job::Rows(f, _) => f.len() / width,
-            Job::Swap(..) => 0,
+            Job::Rows(f, ..) => f.len() / width,
+            Job::Swap(..) | Job::Shadow(..) => 0,
         })
         .sum();
     let mut features: Vec<f32> = Vec::with_capacity(rows * width);
@@ -353,13 +543,13 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: 
                 }
                 encoded.push(slots);
             }
-            Job::Rows(rows, _) => {
+            Job::Rows(rows, ..) => {
                 let count = rows.len() / width;
                 features.extend_from_slice(rows);
                 encoded.push((n..n + count).map(Ok).collect());
                 n += count;
             }
-            Job::Swap(..) => encoded.push(Vec::new()),
+            Job::Swap(..) | Job::Shadow(..) => encoded.push(Vec::new()),
         }
     }
     let scored = forward(model, info, &features, n).and_then(|outputs| {
@@ -380,37 +570,116 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: 
             return;
         }
     };
+    let (shadow, shadow_scores) = match shadow {
+        Some((model, shadow_info)) => match shadow_pass(model, shadow_info, info, &jobs, &encoded, &features, n) {
+            Some(scores) => (Some(shadow_info), scores),
+            None => (None, Vec::new()),
+        },
+        None => (None, Vec::new()),
+    };
     metrics::histogram!(metric::BATCH_SIZE).record(n as f64);
     metrics::histogram!(metric::INFERENCE_SECONDS).record(started.elapsed().as_secs_f64());
+    let mut shadow_scores = shadow_scores.into_iter();
     for ((job, slots), reasons) in jobs.into_iter().zip(encoded).zip(reasons) {
+        let job_shadow = shadow_scores.next();
         match job {
-            Job::Payments(payments, _, reply) => {
+            Job::Payments(payments, _, _, reply) => {
                 let results: Vec<_> = slots.into_iter().map(|slot| slot.map(|i| outputs[i])).collect();
                 let mut reasons = reasons;
                 reasons.resize_with(payments.len(), Vec::new);
-                let _ = reply.send(Ok(ScoredBatch { model: info.clone(), payments, results, reasons }));
+                let shadow =
+                    shadow.zip(job_shadow).map(|(model, p_fraud)| ShadowScores { model: model.clone(), p_fraud });
+                let _ = reply.send(Ok(ScoredBatch { model: info.clone(), payments, results, reasons, shadow }));
             }
-            Job::Rows(_, reply) => {
+            Job::Rows(.., reply) => {
                 let outputs = slots.into_iter().map(|slot| outputs[slot.expect("rows are pre-encoded")]).collect();
                 let _ = reply.send(Ok(ScoredRows { model: info.clone(), outputs }));
             }
-            Job::Swap(..) => {}
+            Job::Swap(..) | Job::Shadow(..) => {}
         }
     }
 }
 
+/// The shadow model's pass over the payments of a batch the serving model
+/// has scored: P(fraud) per job, per payment (`None` where its encoder
+/// rejects the payment), or `None` for the whole batch when the shadow fails
+/// or returns something that is not a probability. The shadow is an
+/// experiment: its failure is counted and logged, never the batch's.
+fn shadow_pass(
+    model: &Model,
+    info: &ModelInfo,
+    serving: &ModelInfo,
+    jobs: &[Job],
+    encoded: &[Vec<Result<usize, EncodeError>>],
+    features: &[f32],
+    rows: usize,
+) -> Option<Vec<Vec<Option<f32>>>> {
+    // Same encoding and nothing pre-encoded in the batch: the serving model's rows are the shadow's.
+    let reuse = info.feature_spec == serving.feature_spec && jobs.iter().all(|j| matches!(j, Job::Payments(..)));
+    let mut own = Vec::new();
+    let slots: Vec<Vec<Option<usize>>> = if reuse {
+        encoded.iter().map(|slots| slots.iter().map(|slot| slot.as_ref().ok().copied()).collect()).collect()
+    } else {
+        let encoder = model.encoder();
+        let mut row = vec![0f32; encoder.width()];
+        let mut n = 0;
+        jobs.iter()
+            .map(|job| match job {
+                Job::Payments(payments, ..) => payments
+                    .iter()
+                    .map(|p| {
+                        encoder.encode_into(p, &mut row).ok().map(|()| {
+                            own.extend_from_slice(&row);
+                            n += 1;
+                            n - 1
+                        })
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            })
+            .collect()
+    };
+    let (features, rows) = if reuse { (features, rows) } else { (own.as_slice(), own.len() / model.encoder().width()) };
+    let scored =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| checked_forward(model, info, features, rows)));
+    let why = match scored {
+        Ok(Ok(outputs)) => {
+            metrics::counter!(metric::SHADOW_SCORED).increment(rows as u64);
+            return Some(slots.into_iter().map(|s| s.into_iter().map(|i| Some(outputs[i?][1])).collect()).collect());
+        }
+        Ok(Err(error)) => error.to_string(),
+        Err(panic) => format!("the model panicked: {}", panic_message(&panic)),
+    };
+    metrics::counter!(metric::SHADOW_FAILURES).increment(1);
+    tracing::warn!(
+        shadow = %info.version,
+        serving = %serving.version,
+        rows,
+        error = %why,
+        "the shadow model failed on a batch; it leaves with `shadow: null`, scored by the serving model as always"
+    );
+    None
+}
+
 /// One forward pass over `rows` feature rows, checked: a model that fails or
-/// returns anything but probabilities is an error for the whole batch.
+/// returns anything but probabilities is an error for the whole batch (logged).
 fn forward(model: &Model, info: &ModelInfo, features: &[f32], rows: usize) -> Result<Vec<[f32; 2]>, ScoringError> {
-    let outputs = model.predict(features, rows).map_err(|e| {
-        tracing::error!(error = %e, rows, "forward pass failed");
-        ScoringError::from(e)
-    })?;
+    checked_forward(model, info, features, rows).inspect_err(|error| {
+        tracing::error!(error = %error, rows, "forward pass failed");
+    })
+}
+
+/// `forward` without the log line: the model's outputs, if all are probabilities.
+fn checked_forward(
+    model: &Model,
+    info: &ModelInfo,
+    features: &[f32],
+    rows: usize,
+) -> Result<Vec<[f32; 2]>, ScoringError> {
+    let outputs = model.predict(features, rows)?;
     let is_probability = |x: f32| x.is_finite() && (0.0..=1.0).contains(&x);
     if let Some(bad) = outputs.iter().find(|o| !o.iter().all(|x| is_probability(*x))) {
-        let error = ScoringError::NotProbabilities { version: info.version.clone(), output: *bad };
-        tracing::error!(error = %error, rows, "model output is not probabilities");
-        return Err(error);
+        return Err(ScoringError::NotProbabilities { version: info.version.clone(), output: *bad });
     }
     Ok(outputs)
 }
@@ -431,7 +700,7 @@ fn explain(
     let groups = crate::features::FeatureGroup::ALL.len();
     let mut wanted: Vec<(usize, usize, usize)> = Vec::new(); // (job, payment, row)
     for (j, (job, slots)) in jobs.iter().zip(encoded).enumerate() {
-        let Job::Payments(_, explain, _) = job else { continue };
+        let Job::Payments(_, explain, ..) = job else { continue };
         for (k, slot) in slots.iter().enumerate() {
             if let Ok(row) = slot {
                 if *explain == Explain::All || info.wants_reasons(outputs[*row][1]) {

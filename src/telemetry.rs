@@ -82,6 +82,14 @@ pub mod metric {
     pub const MODEL_LOAD_FAILURES: &str = "fraudstream_model_load_failures_total";
     /// Counter: model swaps.
     pub const MODEL_SWAPS: &str = "fraudstream_model_swaps_total";
+    /// Gauge, label `version`: 1 for the shadow model version now loaded (`--shadow`), 0 once unloaded.
+    pub const SHADOW_LOADED: &str = "fraudstream_shadow_model_loaded";
+    /// Gauge: the shadow model version as a number (unix seconds); 0 when none is loaded.
+    pub const SHADOW_VERSION: &str = "fraudstream_shadow_model_version";
+    /// Counter: payments scored by the shadow model beside the serving one.
+    pub const SHADOW_SCORED: &str = "fraudstream_shadow_scored_total";
+    /// Counter: batches the shadow model failed on (an error, or outputs that are not probabilities); they leave with `shadow: null`.
+    pub const SHADOW_FAILURES: &str = "fraudstream_shadow_failures_total";
     /// Gauge, labels `topic`, `partition`: consumer lag in messages.
     pub const CONSUMER_LAG: &str = "fraudstream_consumer_lag";
     /// Counter, label `kind` (assign/revoke): consumer group rebalances.

@@ -318,3 +318,84 @@ async fn a_failing_reasons_pass_fails_the_request() {
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{reply}");
     assert!(reply["error"].as_str().is_some_and(|e| e.contains("not a pair of probabilities")), "{reply}");
 }
+
+/// The shadow model on the scoring thread, through REST: a shadow of the
+/// serving version is refused; a loaded shadow scores beside the serving
+/// model (`:score` carries its version, P(fraud) and its own decision), is
+/// listed by the status and answers for its version; a batch the shadow
+/// cannot score (NaN) is served with `shadow: null` and the failure counted;
+/// a swap to the shadow's version leaves no shadow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_scores_beside_the_serving_model_and_its_failures_cost_only_its_scores() {
+    let s = serve(1 << 20).await;
+    let serving = Model::load(&s.model_dir, tch::Device::Cpu).unwrap();
+    s.scoring.set_shadow(Some(Model::load(&s.model_dir, tch::Device::Cpu).unwrap())).await.unwrap();
+    assert!(s.scoring.shadow().is_none(), "a shadow of the serving version is no shadow");
+
+    // The shadow: another version, softmax(linear(x)) + 0 * log(5 - x[:, 0]), NaN above an amount feature of 5.
+    let mut manifest = serving.manifest().clone();
+    let shadow_version = (s.version.parse::<u64>().unwrap() + 1).to_string();
+    manifest.version = shadow_version.clone();
+    manifest.feature_spec.amount_clip = false;
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let linear = tch::nn::linear(vs.root(), 28, 2, Default::default());
+    vs.freeze();
+    let module = tch::CModule::create_by_tracing(
+        "NanAbove5",
+        "forward",
+        &[tch::Tensor::zeros([2, 28], tch::kind::FLOAT_CPU)],
+        &mut |x| {
+            let probabilities = tch::nn::Module::forward(&linear, &x[0]).softmax(-1, tch::Kind::Float);
+            vec![probabilities + (x[0].narrow(1, 0, 1).neg() + 5.0).log() * 0.0]
+        },
+    )
+    .unwrap();
+    let path = s._dir.path().join("shadow.pt");
+    module.save(&path).unwrap();
+    let load_shadow = || Model::from_module_file(&path, manifest.clone(), tch::Device::Cpu).unwrap();
+    s.scoring.set_shadow(Some(load_shadow())).await.unwrap();
+    assert_eq!(s.scoring.shadow().map(|m| m.version.clone()), Some(shadow_version.clone()));
+
+    let (_, status) = get(&format!("{}/v1/models/payfraud", s.base)).await;
+    let versions: Vec<&Value> =
+        status["model_version_status"].as_array().unwrap().iter().map(|v| &v["version"]).collect();
+    assert_eq!(versions, [&json!(s.version), &json!(shadow_version)], "{status}");
+
+    let payment = Payment { amount: 2400.0, category: "es_travel".into(), ..demo_payment() };
+    let (status, reply) = post(&format!("{}/v1/models/payfraud:score", s.base), json!({"instances": [payment]})).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    let scored: fraudstream::ScoredPayment = serde_json::from_value(reply["predictions"][0].clone()).unwrap();
+    let want = f64::from(serving.score_payments(std::slice::from_ref(&payment)).unwrap()[0]);
+    assert!((scored.fraud_probability - want).abs() <= 1e-6 && scored.model_version == s.version, "{scored:?}");
+    assert_eq!(scored.decision, Some(serving.manifest().bands().decide(scored.fraud_probability)));
+    let shadow = scored.shadow.expect("the shadow's score");
+    let shadow_model = load_shadow();
+    let shadow_want = f64::from(shadow_model.score_payments(std::slice::from_ref(&payment)).unwrap()[0]);
+    assert_eq!(shadow.model_version, shadow_version);
+    assert!((shadow.fraud_probability - shadow_want).abs() <= 1e-6, "{shadow:?} vs {shadow_want}");
+    assert_eq!(shadow.decision, shadow_model.manifest().bands().decide(shadow.fraud_probability));
+    assert_eq!(shadow.is_fraud, shadow.fraud_probability >= shadow_model.manifest().threshold);
+    // The shadow's own version route is scored by the shadow.
+    let url = format!("{}/v1/models/payfraud/versions/{shadow_version}:score", s.base);
+    let (status, reply) = post(&url, json!({"instances": [payment]})).await;
+    assert_eq!((status, &reply["predictions"][0]["modelVersion"]), (StatusCode::OK, &json!(shadow_version)), "{reply}");
+    assert_eq!(reply["predictions"][0]["shadow"], Value::Null);
+
+    // An amount the shadow turns into NaN: served by the serving model, no shadow score, one failure counted.
+    let failures =
+        |text: &str| text.lines().find(|l| l.starts_with("fraudstream_shadow_failures_total")).map(str::to_string);
+    let before = failures(&reqwest::get(format!("{}/metrics", s.base)).await.unwrap().text().await.unwrap());
+    let big = Payment { amount: 1e6, ..demo_payment() };
+    let (status, reply) = post(&format!("{}/v1/models/payfraud:score", s.base), json!({"instances": [big]})).await;
+    assert_eq!(status, StatusCode::OK, "a failing shadow never fails a request: {reply}");
+    assert_eq!(reply["predictions"][0]["shadow"], Value::Null, "{reply}");
+    assert_eq!(reply["predictions"][0]["modelVersion"], json!(s.version));
+    let after = failures(&reqwest::get(format!("{}/metrics", s.base)).await.unwrap().text().await.unwrap());
+    assert_ne!(before, after, "the shadow failure was not counted: {after:?}");
+
+    // Serving the shadow's version: the shadow goes with the swap.
+    s.scoring.swap(load_shadow()).await.unwrap();
+    assert!(s.scoring.shadow().is_none());
+    let (_, status) = get(&format!("{}/v1/models/payfraud", s.base)).await;
+    assert_eq!(status["model_version_status"].as_array().unwrap().len(), 1, "{status}");
+}

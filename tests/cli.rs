@@ -179,6 +179,7 @@ async fn consume_filters_scored_payments() {
                 scored_at: 0,
                 decision: None,
                 reasons: Vec::new(),
+                shadow: None,
             };
             (i.to_string(), codec.encode_scored(&scored).unwrap())
         })

@@ -10,14 +10,16 @@ mod common;
 mod harness;
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use fraudstream::kafka::KafkaArgs;
 use fraudstream::model::sha256_hex;
 use fraudstream::Payment;
-use harness::{local_model, payments, read_outputs, records, topic_for, verify_outputs, Scorer, Setup};
+use harness::{
+    local_model, model_bytes, only_version, payments, publish_version, python_model, read_outputs, records, topic_for,
+    verify_outputs, Scorer, Setup,
+};
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use serde_json::Value;
@@ -32,60 +34,6 @@ fn wait_exit(scorer: &mut Scorer, timeout: Duration) -> ExitStatus {
         assert!(Instant::now() < deadline, "the scorer did not exit within {timeout:?}:\n{}", scorer.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// The only version in a fresh local store, with its manifest.
-fn only_version(store: &Path) -> (u64, Value) {
-    let entry = std::fs::read_dir(store.join("versions")).unwrap().next().unwrap().unwrap();
-    let version: u64 = entry.file_name().to_str().unwrap().parse().unwrap();
-    let manifest = serde_json::from_slice(&std::fs::read(entry.path().join("model.json")).unwrap()).unwrap();
-    (version, manifest)
-}
-
-/// Publishes `model` as `version` with a copy of `manifest`; `edit` may change
-/// the manifest after its version and model hash were set.
-fn publish_version(store: &Path, manifest: &Value, version: u64, model: &[u8], edit: impl FnOnce(&mut Value)) {
-    let folder = store.join("versions").join(version.to_string());
-    std::fs::create_dir_all(&folder).unwrap();
-    std::fs::write(folder.join("model.pt"), model).unwrap();
-    let mut m = manifest.clone();
-    m["version"] = serde_json::json!(version.to_string());
-    m["files"]["model.pt"] = serde_json::json!(sha256_hex(model));
-    edit(&mut m);
-    std::fs::write(folder.join("model.json"), serde_json::to_vec(&m).unwrap()).unwrap();
-}
-
-fn model_bytes(store: &Path, version: u64) -> Vec<u8> {
-    std::fs::read(store.join("versions").join(version.to_string()).join("model.pt")).unwrap()
-}
-
-/// A TorchScript model made with PyTorch (FRAUDSTREAM_TORCH_PYTHON): `body`
-/// is the forward pass of a module wrapping the model at `inner` as `self.inner`.
-fn python_model(inner: &Path, body: &str, out: &Path) -> Vec<u8> {
-    let python = std::env::var("FRAUDSTREAM_TORCH_PYTHON")
-        .expect("FRAUDSTREAM_TORCH_PYTHON: a Python with PyTorch 2.13.0 (scripts/test sets it)");
-    let script = format!(
-        "import sys, torch\n\
-         class Wrapped(torch.nn.Module):\n\
-         \x20   def __init__(self, inner):\n\
-         \x20       super().__init__()\n\
-         \x20       self.inner = inner\n\
-         \x20   def forward(self, payments: torch.Tensor) -> torch.Tensor:\n\
-         {body}\n\
-         torch.jit.script(Wrapped(torch.jit.load(sys.argv[1]))).save(sys.argv[2])\n"
-    );
-    // From a file: TorchScript reads the module's source back with `inspect`.
-    let script_path = out.with_extension("py");
-    std::fs::write(&script_path, script).unwrap();
-    let output = Command::new(python)
-        .arg(&script_path)
-        .arg(inner)
-        .arg(out)
-        .env("PYTHONWARNINGS", "ignore")
-        .output()
-        .expect("run python");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    std::fs::read(out).unwrap()
 }
 
 /// Every input offset, by partition, with the payment id it carries.

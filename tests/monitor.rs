@@ -5,7 +5,8 @@
 //! topic exactly as it was scored and with its true label; the restarted
 //! monitor rebuilt the joins it had committed (without writing them again)
 //! and its live precision, recall, AP and ROC-AUC equal an independent
-//! computation over the labelled topic; bad labels are dead-lettered.
+//! computation over the labelled topic, for the serving version and for the
+//! canary scoring beside it in shadow; bad labels are dead-lettered.
 
 mod common;
 #[path = "faults/harness.rs"]
@@ -127,12 +128,29 @@ async fn monitor_joins_every_label_across_a_crash_and_measures_live_quality() {
     let kafka = common::kafka();
     let store = common::s3_store();
     let v1 = common::train_and_publish(&store, 20_000, 71, false).await;
+    // A weak candidate: it loses the champion gate and is published as the canary.
+    let v2 = fraudstream::training::run_once(&fraudstream::training::TrainerOptions {
+        data: fraudstream::training::data::DataSource::Simulator { rows: 20_000, seed: 73 },
+        model_store: store.clone(),
+        device: fraudstream::model::Device::Cpu,
+        train: fraudstream::training::train::TrainConfig {
+            seed: 73,
+            max_epochs: 1,
+            learning_rate: 1e-5,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(v2.label, Some(fraudstream::model::Label::Canary), "{}", v2.verdict);
     let topic = topic_for(&kafka, 4).await;
     let (labels_topic, labelled_topic, dlq_topic) =
         (format!("{topic}-labels"), format!("{topic}-labelled"), format!("{topic}-labels-dlq"));
     ensure_topics(&kafka, &[&labels_topic, &labelled_topic, &dlq_topic], 4).await.unwrap();
 
-    let mut scorer = Scorer::spawn(&kafka, &topic, &store, &common::unique("group"), dir.path(), &[]);
+    let mut scorer =
+        Scorer::spawn(&kafka, &topic, &store, &common::unique("group"), dir.path(), &["--shadow", "canary"]);
     scorer.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
     let group = common::unique("monitor");
     let mut monitor = Monitor::spawn(&kafka, &topic, &group, dir.path());
@@ -223,6 +241,7 @@ async fn monitor_joins_every_label_across_a_crash_and_measures_live_quality() {
             "{id}"
         );
         assert_eq!(j.model_version, v1.version);
+        assert_eq!(j.shadow.as_ref().map(|s| s.model_version.as_str()), Some(v2.version.as_str()), "{id}: the shadow");
         if let Some(before) = by_id.insert(id.clone(), j.clone()) {
             assert_eq!(before, j, "{id}: a duplicate join differs");
         }
@@ -244,22 +263,47 @@ async fn monitor_joins_every_label_across_a_crash_and_measures_live_quality() {
     let rewritten = monitor.metric("fraudstream_monitor_joins_total", "").await;
     assert!(rewritten < want as f64, "the restarted monitor wrote {rewritten} joins: it re-emitted committed ones");
 
-    let rows: Vec<(f64, bool)> = by_id.values().map(|j| (j.fraud_probability, j.payment.fraud.unwrap())).collect();
-    let (ap, auc) = independent_ap_and_auc(&rows);
-    let flagged = by_id.values().filter(|j| j.is_fraud);
-    let tp = flagged.clone().filter(|j| j.payment.fraud.unwrap()).count() as f64;
-    let precision = tp / flagged.count() as f64;
-    let recall = tp / by_id.values().filter(|j| j.payment.fraud.unwrap()).count() as f64;
-    for (name, expected) in [
-        ("fraudstream_monitor_average_precision", ap),
-        ("fraudstream_monitor_roc_auc", auc),
-        ("fraudstream_monitor_precision", precision),
-        ("fraudstream_monitor_recall", recall),
-    ] {
-        let live = monitor.metric(name, &version).await;
-        assert!((live - expected).abs() < 1e-9, "{name}: monitor {live}, offline {expected}");
+    // Each version's live numbers: the serving one's from the joins' own
+    // scores, the canary's from their shadow scores.
+    let serving: Vec<(f64, bool, bool)> =
+        by_id.values().map(|j| (j.fraud_probability, j.is_fraud, j.payment.fraud.unwrap())).collect();
+    let shadow: Vec<(f64, bool, bool)> = by_id
+        .values()
+        .map(|j| {
+            let s = j.shadow.as_ref().unwrap();
+            (s.fraud_probability, s.is_fraud, j.payment.fraud.unwrap())
+        })
+        .collect();
+    let mut aps = Vec::new();
+    for (version, rows) in [(&v1.version, serving), (&v2.version, shadow)] {
+        let with = format!("version=\"{version}\"");
+        monitor
+            .wait_until("the shadow's numbers too", Duration::from_secs(30), async |m| {
+                m.metric("fraudstream_monitor_labelled", &with).await == want as f64
+            })
+            .await;
+        let scores: Vec<(f64, bool)> = rows.iter().map(|(p, _, fraud)| (*p, *fraud)).collect();
+        let (ap, auc) = independent_ap_and_auc(&scores);
+        let tp = rows.iter().filter(|(_, flagged, fraud)| *flagged && *fraud).count() as f64;
+        let precision = tp / rows.iter().filter(|r| r.1).count().max(1) as f64;
+        let recall = tp / rows.iter().filter(|r| r.2).count() as f64;
+        for (name, expected) in [
+            ("fraudstream_monitor_average_precision", ap),
+            ("fraudstream_monitor_roc_auc", auc),
+            ("fraudstream_monitor_precision", precision),
+            ("fraudstream_monitor_recall", recall),
+        ] {
+            let live = monitor.metric(name, &with).await;
+            assert!((live - expected).abs() < 1e-9, "{name} of {version}: monitor {live}, offline {expected}");
+        }
+        aps.push(ap);
     }
-    assert!(ap > 0.5, "a trained model's live AP is {ap}");
+    assert!(
+        aps[0] > 0.5 && aps[0] > aps[1],
+        "the trained model's live AP {} beats the weak canary's {}",
+        aps[0],
+        aps[1]
+    );
     assert_eq!(monitor.metric("fraudstream_monitor_label_coverage", &version).await, 1.0);
     // The 500 duplicates were recognised (some may have been processed by the first monitor).
     assert!(monitor.metric("fraudstream_monitor_records_total", "outcome=\"duplicate\"").await >= 1.0);

@@ -5,7 +5,10 @@
 //! served beside it (`oip`).
 //!
 //! Every request goes through the same `ScoringService` as the stream: one
-//! model, one encoder, coalesced into the same forward passes. REST has a
+//! model, one encoder, coalesced into the same forward passes. With a shadow
+//! model loaded (`--shadow`), the status lists both versions, a request for
+//! the shadow's version or label is scored by the shadow, and `:score`
+//! outputs of the serving model carry the shadow's score as the stream's do. REST has a
 //! concurrency limit of its own (429 beyond it), so a flood of requests can
 //! take only that many places in the model's queue and never stalls the stream.
 
@@ -27,7 +30,7 @@ use crate::features::FEATURE_WIDTH;
 use crate::model::Label;
 use crate::payment::{now_ms, Payment, ScoredPayment};
 use crate::pipeline::PipelineState;
-use crate::scoring::{Explain, ScoringError, ScoringService};
+use crate::scoring::{Explain, ModelInfo, ScoringError, ScoringService, Target};
 use crate::telemetry::metric;
 
 /// What the HTTP handlers share.
@@ -96,6 +99,7 @@ impl From<ScoringError> for ApiError {
     fn from(e: ScoringError) -> Self {
         match e {
             ScoringError::NoModel => ApiError(StatusCode::SERVICE_UNAVAILABLE, "no model loaded yet".into()),
+            ScoringError::NoShadow => ApiError(StatusCode::NOT_FOUND, e.to_string()),
             ScoringError::BadWidth { .. } => bad_request(e.to_string()),
             ScoringError::Stopped | ScoringError::Model(_) | ScoringError::NotProbabilities { .. } => {
                 ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -228,26 +232,28 @@ fn parse_path(rest: &str) -> Option<ModelPath<'_>> {
     Some(ModelPath { name, version, label, action })
 }
 
-/// Resolves a model name and version against the serving model: 404 for
-/// other names or versions.
-fn resolve(
-    s: &ApiState,
-    name: &str,
-    version: Option<&str>,
-) -> Result<Option<Arc<crate::scoring::ModelInfo>>, ApiError> {
+/// A loaded model a request resolved to, and which one it is.
+struct Resolved {
+    target: Target,
+    model: Option<Arc<ModelInfo>>,
+}
+
+/// Resolves a model name and version against the loaded models: no version
+/// is the serving model; the serving or the shadow version is that model;
+/// other names or versions are 404.
+fn resolve(s: &ApiState, name: &str, version: Option<&str>) -> Result<Resolved, ApiError> {
     if name != s.model_name {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("Servable not found for request: Latest({name})")));
     }
-    let model = s.scoring.model();
-    if let Some(v) = version {
-        if model.as_ref().is_none_or(|m| m.version != v) {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!("Servable not found for request: Specific({name}, {v})"),
-            ));
-        }
+    let serving = Resolved { target: Target::Serving, model: s.scoring.model() };
+    let Some(v) = version else { return Ok(serving) };
+    if serving.model.as_ref().is_some_and(|m| m.version == v) {
+        return Ok(serving);
     }
-    Ok(model)
+    match s.scoring.shadow() {
+        Some(shadow) if shadow.version == v => Ok(Resolved { target: Target::Shadow, model: Some(shadow) }),
+        _ => Err(ApiError(StatusCode::NOT_FOUND, format!("Servable not found for request: Specific({name}, {v})"))),
+    }
 }
 
 /// A place for one REST scoring request, or 429 if all are taken.
@@ -271,9 +277,13 @@ async fn model_get(State(s): State<ApiState>, Path(rest): Path<String>) -> Respo
         let path = parse_path(&rest)
             .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no such endpoint: /v1/models/{rest}")))?;
         let version = path.requested(&s)?;
-        let model = resolve(&s, path.name, version.as_deref())?;
+        let Resolved { model, .. } = resolve(&s, path.name, version.as_deref())?;
         match path.action {
-            Action::Status => Ok((path.action.endpoint(), Json(status_body(model.as_deref())))),
+            Action::Status => {
+                // Every loaded version without a version or label; else the one asked for.
+                let shadow = if version.is_none() { s.scoring.shadow() } else { None };
+                Ok((path.action.endpoint(), Json(status_body(model.as_deref(), shadow.as_deref()))))
+            }
             Action::Metadata => {
                 let model = model.ok_or(ScoringError::NoModel)?;
                 Ok((path.action.endpoint(), Json(metadata_body(&s.model_name, &model))))
@@ -296,16 +306,16 @@ async fn model_get(State(s): State<ApiState>, Path(rest): Path<String>) -> Respo
     }
 }
 
-fn status_body(model: Option<&crate::scoring::ModelInfo>) -> Value {
-    let (version, state) = match model {
-        Some(m) => (m.version.as_str(), "AVAILABLE"),
-        None => ("", "LOADING"),
-    };
-    json!({ "model_version_status": [{
-        "version": version,
-        "state": state,
-        "status": { "error_code": "OK", "error_message": "" }
-    }]})
+/// TF Serving's status: the serving version (LOADING before one is) and the
+/// shadow version, if one is loaded beside it.
+fn status_body(model: Option<&ModelInfo>, shadow: Option<&ModelInfo>) -> Value {
+    let entry = |version: &str, state: &str| json!({ "version": version, "state": state, "status": { "error_code": "OK", "error_message": "" } });
+    let mut versions = vec![match model {
+        Some(m) => entry(&m.version, "AVAILABLE"),
+        None => entry("", "LOADING"),
+    }];
+    versions.extend(shadow.map(|m| entry(&m.version, "AVAILABLE")));
+    json!({ "model_version_status": versions })
 }
 
 /// The original demo's signature, as TensorFlow Serving describes it
@@ -363,15 +373,17 @@ async fn model_post(
             path.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no such endpoint: /v1/models/{rest}")))?;
         let body = body?;
         let version = path.requested(&s)?;
-        resolve(&s, path.name, version.as_deref())?.ok_or(ScoringError::NoModel)?;
+        let resolved = resolve(&s, path.name, version.as_deref())?;
+        resolved.model.as_ref().ok_or(ScoringError::NoModel)?;
+        let target = resolved.target;
         let _slot = take_slot(&s)?;
         let Query(params) = params.map_err(|e| bad_request(format!("query string: {}", e.body_text())))?;
         let explain = if params.explain { Explain::All } else { Explain::AtReview };
         match path.action {
-            Action::Predict => predict(&s, &path, &body).await,
-            Action::Score => Ok(json!({ "predictions": score(&s, &path, &body, explain).await? })),
+            Action::Predict => predict(&s, &path, target, &body).await,
+            Action::Score => Ok(json!({ "predictions": score(&s, &path, target, &body, explain).await? })),
             Action::Explain => {
-                let explanations = score(&s, &path, &body, Explain::All).await?;
+                let explanations = score(&s, &path, target, &body, Explain::All).await?;
                 let predictions: Vec<[f64; 2]> =
                     explanations.iter().map(|e| [1.0 - e.fraud_probability, e.fraud_probability]).collect();
                 Ok(json!({ "predictions": predictions, "explanations": explanations }))
@@ -451,7 +463,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     serde_json::from_slice(body).map_err(|e| bad_request(format!("JSON Parse error: {e}")))
 }
 
-async fn predict(s: &ApiState, path: &ModelPath<'_>, body: &[u8]) -> Result<Value, ApiError> {
+async fn predict(s: &ApiState, path: &ModelPath<'_>, target: Target, body: &[u8]) -> Result<Value, ApiError> {
     let request: PredictRequest = parse_json(body)?;
     if let Some(name) = request.signature_name.as_deref().filter(|n| !n.is_empty() && *n != "serving_default") {
         return Err(bad_request(format!("Serving signature name: \"{name}\" not found in signature def")));
@@ -463,7 +475,7 @@ async fn predict(s: &ApiState, path: &ModelPath<'_>, body: &[u8]) -> Result<Valu
         (None, Some(inputs)) => (rows_of(inputs, "inputs")?, false),
     };
     let rows = features.len() / FEATURE_WIDTH;
-    let scored = s.scoring.score_rows(features).await?;
+    let scored = s.scoring.score_rows_on(target, features).await?;
     check_version(path.name, path.requested(s)?.as_deref(), &scored.model.version)?;
     metrics::counter!(metric::HTTP_ROWS_SCORED).increment(rows as u64);
     let outputs: Vec<[f32; 2]> = scored.outputs;
@@ -502,6 +514,7 @@ struct ScoreInput {
 async fn score(
     s: &ApiState,
     path: &ModelPath<'_>,
+    target: Target,
     body: &[u8],
     explain: Explain,
 ) -> Result<Vec<ScoredPayment>, ApiError> {
@@ -528,14 +541,16 @@ async fn score(
             fraud: None,
         });
     }
-    let batch = s.scoring.score_payments(payments, explain).await?;
+    let batch = s.scoring.score_payments_on(target, payments, explain).await?;
     check_version(path.name, path.requested(s)?.as_deref(), &batch.model.version)?;
     let scored_at = now_ms();
     let mut predictions: Vec<ScoredPayment> = Vec::with_capacity(batch.payments.len());
+    let shadow = batch.shadow;
     let rows = batch.payments.into_iter().zip(batch.results).zip(batch.reasons);
     for (i, ((payment, result), reasons)) in rows.enumerate() {
         let [_, p] = result.map_err(|e| bad_request(format!("instances[{i}]: {e}")))?;
-        predictions.push(batch.model.verdict(payment, p, reasons, scored_at));
+        let shadow = shadow.as_ref().and_then(|s| s.of(i));
+        predictions.push(batch.model.verdict(payment, p, reasons, shadow, scored_at));
     }
     metrics::counter!(metric::HTTP_ROWS_SCORED).increment(predictions.len() as u64);
     Ok(predictions)

@@ -120,9 +120,14 @@ struct ModelRef {
     version: Option<String>,
 }
 
-/// `super::resolve`, its 404 worded for this protocol: what is served instead.
+/// `super::resolve`, for the serving model only (this protocol does not
+/// reach the shadow), its 404 worded for this protocol: what is served instead.
 fn resolve_model(s: &ApiState, m: &ModelRef) -> Result<Option<Arc<ModelInfo>>, ApiError> {
-    resolve(s, &m.name, m.version.as_deref()).map_err(|e| reword_not_found(s, m, e))
+    let serving = resolve(s, &m.name, m.version.as_deref()).and_then(|resolved| match resolved.target {
+        super::Target::Serving => Ok(resolved.model),
+        super::Target::Shadow => Err(ApiError(StatusCode::NOT_FOUND, "the shadow model".into())),
+    });
+    serving.map_err(|e| reword_not_found(s, m, e))
 }
 
 /// `super::check_version` (a swap between resolving and scoring), worded likewise.

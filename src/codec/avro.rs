@@ -12,7 +12,7 @@
 //! checked, and errors name the field so a dead letter says what was wrong.
 
 use crate::decision::{Decision, Reason};
-use crate::payment::{Payment, PaymentLabel, ScoredPayment};
+use crate::payment::{Payment, PaymentLabel, ScoredPayment, ShadowScore};
 
 /// Why an Avro body could not be read.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -57,7 +57,7 @@ pub const PAYMENT_FIELDS: [(&str, &str); 12] = [
 
 /// The fields of `schemas/scored_payment.avsc`, in order.
 #[cfg(test)]
-pub const SCORED_PAYMENT_FIELDS: [(&str, &str); 9] = [
+pub const SCORED_PAYMENT_FIELDS: [(&str, &str); 10] = [
     ("payment", "Payment"),
     ("fraudProbability", "double"),
     ("isFraud", "boolean"),
@@ -67,6 +67,7 @@ pub const SCORED_PAYMENT_FIELDS: [(&str, &str); 9] = [
     ("scoredAt", "long"),
     ("decision", "[null, Decision]"),
     ("reasons", "[Reason]"),
+    ("shadow", "[null, ShadowScore]"),
 ];
 
 /// The fields of `schemas/payment_label.avsc`, in order.
@@ -81,6 +82,10 @@ pub const PAYMENT_LABEL_FIELDS: [(&str, &str); 5] = [
 
 /// `Decision`'s symbols in schema order.
 const DECISIONS: [Decision; 3] = [Decision::Allow, Decision::Review, Decision::Block];
+
+fn decision_symbol(decision: Decision) -> i64 {
+    DECISIONS.iter().position(|d| *d == decision).expect("every decision has a symbol") as i64
+}
 
 /// Appends a `Payment` body.
 pub fn write_payment(out: &mut Vec<u8>, p: &Payment) {
@@ -117,7 +122,7 @@ pub fn write_scored_payment(out: &mut Vec<u8>, s: &ScoredPayment) {
         None => write_long(out, 0),
         Some(decision) => {
             write_long(out, 1);
-            write_long(out, DECISIONS.iter().position(|d| *d == decision).expect("every decision has a symbol") as i64);
+            write_long(out, decision_symbol(decision));
         }
     }
     // One block of every item, then the empty block that ends the array.
@@ -130,6 +135,16 @@ pub fn write_scored_payment(out: &mut Vec<u8>, s: &ScoredPayment) {
         }
     }
     write_long(out, 0);
+    match &s.shadow {
+        None => write_long(out, 0),
+        Some(shadow) => {
+            write_long(out, 1);
+            write_string(out, &shadow.model_version);
+            write_double(out, shadow.fraud_probability);
+            write_boolean(out, shadow.is_fraud);
+            write_long(out, decision_symbol(shadow.decision));
+        }
+    }
 }
 
 /// Reads a `Payment` body from the front of `input`, advancing it.
@@ -157,8 +172,9 @@ pub fn read_payment(input: &mut &[u8]) -> Result<Payment, AvroError> {
 
 /// Reads a `ScoredPayment` body from the front of `input`, advancing it. A
 /// body that ends after `scoredAt` was written with schema id 2 (before
-/// `decision` and `reasons`): it reads with their defaults, as Avro's schema
-/// resolution would.
+/// `decision` and `reasons`), one that ends after `reasons` with schema id 3
+/// (before `shadow`): they read with the missing fields' defaults, as Avro's
+/// schema resolution would.
 pub fn read_scored_payment(input: &mut &[u8]) -> Result<ScoredPayment, AvroError> {
     let payment = read_payment(input)?;
     let mut r = Reader(input);
@@ -172,17 +188,14 @@ pub fn read_scored_payment(input: &mut &[u8]) -> Result<ScoredPayment, AvroError
         scored_at: r.long("scoredAt")?,
         decision: None,
         reasons: Vec::new(),
+        shadow: None,
     };
     if r.0.is_empty() {
         return Ok(scored);
     }
     scored.decision = match r.long("decision")? {
         0 => None,
-        1 => {
-            let index = r.long("decision")?;
-            let symbol = usize::try_from(index).ok().and_then(|i| DECISIONS.get(i));
-            Some(*symbol.ok_or(AvroError::InvalidEnumSymbol { field: "decision", index })?)
-        }
+        1 => Some(r.decision("decision")?),
         index => return Err(AvroError::InvalidUnionBranch { field: "decision", index }),
     };
     loop {
@@ -207,6 +220,19 @@ pub fn read_scored_payment(input: &mut &[u8]) -> Result<ScoredPayment, AvroError
             });
         }
     }
+    if r.0.is_empty() {
+        return Ok(scored);
+    }
+    scored.shadow = match r.long("shadow")? {
+        0 => None,
+        1 => Some(ShadowScore {
+            model_version: r.string("shadow.modelVersion")?,
+            fraud_probability: r.double("shadow.fraudProbability")?,
+            is_fraud: r.boolean("shadow.isFraud")?,
+            decision: r.decision("shadow.decision")?,
+        }),
+        index => return Err(AvroError::InvalidUnionBranch { field: "shadow", index }),
+    };
     Ok(scored)
 }
 
@@ -296,6 +322,12 @@ impl Reader<'_, '_> {
         Ok(f64::from_le_bytes(bytes.try_into().expect("took 8 bytes")))
     }
 
+    fn decision(&mut self, field: &'static str) -> Result<Decision, AvroError> {
+        let index = self.long(field)?;
+        let symbol = usize::try_from(index).ok().and_then(|i| DECISIONS.get(i));
+        Ok(*symbol.ok_or(AvroError::InvalidEnumSymbol { field, index })?)
+    }
+
     fn boolean(&mut self, field: &'static str) -> Result<bool, AvroError> {
         match self.take(1, field)?[0] {
             0 => Ok(false),
@@ -333,6 +365,7 @@ mod tests {
             Schema::Union(u) if u.variants() == [Schema::Null, Schema::Boolean] => "[null, boolean]".to_string(),
             Schema::Union(u) => match u.variants() {
                 [Schema::Null, Schema::Enum(e)] => format!("[null, {}]", e.name.name()),
+                [Schema::Null, Schema::Record(r)] => format!("[null, {}]", r.name.name()),
                 other => format!("{other:?}"),
             },
             Schema::Array(a) => match a.items.as_ref() {
@@ -408,13 +441,26 @@ mod tests {
         proptest::option::of(proptest::sample::select(DECISIONS.to_vec()))
     }
 
+    fn shadows() -> impl Strategy<Value = Option<ShadowScore>> {
+        proptest::option::of(
+            (any::<String>(), 0f64..=1.0, any::<bool>(), proptest::sample::select(DECISIONS.to_vec())).prop_map(
+                |(model_version, fraud_probability, is_fraud, decision)| ShadowScore {
+                    model_version,
+                    fraud_probability,
+                    is_fraud,
+                    decision,
+                },
+            ),
+        )
+    }
+
     fn scored_payments() -> impl Strategy<Value = ScoredPayment> {
         (
             (payments(), 0f64..=1.0, any::<bool>(), 0f64..=1.0),
-            (any::<String>(), any::<String>(), any::<i64>(), decisions(), reasons()),
+            (any::<String>(), any::<String>(), any::<i64>(), decisions(), reasons(), shadows()),
         )
             .prop_map(|((payment, fraud_probability, is_fraud, threshold), rest)| {
-                let (model_name, model_version, scored_at, decision, reasons) = rest;
+                let (model_name, model_version, scored_at, decision, reasons, shadow) = rest;
                 ScoredPayment {
                     payment,
                     fraud_probability,
@@ -425,6 +471,7 @@ mod tests {
                     scored_at,
                     decision,
                     reasons,
+                    shadow,
                 }
             })
     }
@@ -448,6 +495,21 @@ mod tests {
         model_name: String,
         model_version: String,
         scored_at: i64,
+    }
+
+    /// `ScoredPayment` as schema id 3 had it.
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ScoredPaymentV3 {
+        payment: Payment,
+        fraud_probability: f64,
+        is_fraud: bool,
+        threshold: f64,
+        model_name: String,
+        model_version: String,
+        scored_at: i64,
+        decision: Option<Decision>,
+        reasons: Vec<Reason>,
     }
 
     proptest! {
@@ -485,13 +547,34 @@ mod tests {
             prop_assert_eq!(read_scored_payment(&mut ours.as_slice()), Ok(s));
         }
 
-        /// Schema evolution, both ways: a reader of the old schema (id 2)
+        /// Schema evolution, both ways: a reader of an old schema (id 2, id 3)
         /// reads new records (the new fields are skipped), and a reader of
         /// the new schema reads old records (the new fields take their
         /// defaults), by Avro's schema resolution and by our reader alike.
         #[test]
         fn old_and_new_scored_payment_schemas_read_each_other(s in scored_payments()) {
             use crate::codec::SCORED_PAYMENT_SCHEMA_V2_JSON as V2;
+            use crate::codec::SCORED_PAYMENT_SCHEMA_V3_JSON as V3;
+            // Id 3 <-> id 4 (before and after `shadow`).
+            let v3 = ScoredPaymentV3 {
+                payment: s.payment.clone(),
+                fraud_probability: s.fraud_probability,
+                is_fraud: s.is_fraud,
+                threshold: s.threshold,
+                model_name: s.model_name.clone(),
+                model_version: s.model_version.clone(),
+                scored_at: s.scored_at,
+                decision: s.decision,
+                reasons: s.reasons.clone(),
+            };
+            let mut new_bytes = Vec::new();
+            write_scored_payment(&mut new_bytes, &s);
+            prop_assert_eq!(resolve_read::<ScoredPaymentV3>(SCORED_PAYMENT_SCHEMA_JSON, V3, &new_bytes), v3);
+            let v3_bytes = reference_write(V3, &resolve_read::<ScoredPaymentV3>(SCORED_PAYMENT_SCHEMA_JSON, V3, &new_bytes));
+            let without_shadow = ScoredPayment { shadow: None, ..s.clone() };
+            prop_assert_eq!(&resolve_read::<ScoredPayment>(V3, SCORED_PAYMENT_SCHEMA_JSON, &v3_bytes), &without_shadow);
+            prop_assert_eq!(read_scored_payment(&mut v3_bytes.as_slice()), Ok(without_shadow));
+            // Id 2 <-> id 4 (before decisions, reasons and shadow).
             let old = ScoredPaymentV2 {
                 payment: s.payment.clone(),
                 fraud_probability: s.fraud_probability,
@@ -502,13 +585,11 @@ mod tests {
                 scored_at: s.scored_at,
             };
             // A new record, read with the old schema.
-            let mut new_bytes = Vec::new();
-            write_scored_payment(&mut new_bytes, &s);
             prop_assert_eq!(resolve_read::<ScoredPaymentV2>(SCORED_PAYMENT_SCHEMA_JSON, V2, &new_bytes), old);
             // An old record (apache-avro, the old schema), read with the new one.
             let old = ScoredPaymentV2 { ..resolve_read(SCORED_PAYMENT_SCHEMA_JSON, V2, &new_bytes) };
             let old_bytes = reference_write(V2, &old);
-            let defaults = ScoredPayment { decision: None, reasons: Vec::new(), ..s.clone() };
+            let defaults = ScoredPayment { decision: None, reasons: Vec::new(), shadow: None, ..s.clone() };
             prop_assert_eq!(&resolve_read::<ScoredPayment>(V2, SCORED_PAYMENT_SCHEMA_JSON, &old_bytes), &defaults);
             prop_assert_eq!(read_scored_payment(&mut old_bytes.as_slice()), Ok(defaults));
         }

@@ -20,12 +20,15 @@ pub const PAYMENT_SCHEMA_JSON: &str = include_str!("../../schemas/payment.avsc")
 /// `schemas/scored_payment.avsc`, verbatim.
 pub const SCORED_PAYMENT_SCHEMA_JSON: &str = include_str!("../../schemas/scored_payment.avsc");
 /// The Confluent schema id scorers write by default: moved on from 2 when
-/// `decision` and `reasons` were added (both with defaults, so readers of
-/// either schema read records of the other).
-pub const SCORED_PAYMENT_SCHEMA_ID: u32 = 3;
+/// `decision` and `reasons` were added, and from 3 when `shadow` was (each
+/// with a default, so readers of either schema read records of the other).
+pub const SCORED_PAYMENT_SCHEMA_ID: u32 = 4;
 /// The `ScoredPayment` schema before decisions (schema id 2), kept for the
 /// compatibility tests and for readers that registered it.
 pub const SCORED_PAYMENT_SCHEMA_V2_JSON: &str = include_str!("../../schemas/history/scored_payment-2.avsc");
+/// The `ScoredPayment` schema before shadow scores (schema id 3), kept for
+/// the same reasons.
+pub const SCORED_PAYMENT_SCHEMA_V3_JSON: &str = include_str!("../../schemas/history/scored_payment-3.avsc");
 
 /// `schemas/payment_label.avsc`, verbatim.
 pub const PAYMENT_LABEL_SCHEMA_JSON: &str = include_str!("../../schemas/payment_label.avsc");
@@ -193,8 +196,14 @@ mod tests {
             model_name: "payfraud".into(),
             model_version: "1700000000".into(),
             scored_at: 1_700_000_000_200,
-            decision: None,
+            decision: Some(crate::decision::Decision::Review),
             reasons: Vec::new(),
+            shadow: Some(crate::payment::ShadowScore {
+                model_version: "1700000100".into(),
+                fraud_probability: 0.42,
+                is_fraud: false,
+                decision: crate::decision::Decision::Allow,
+            }),
         }
     }
 

@@ -289,8 +289,13 @@ impl Core {
     }
 
     /// A shadow version's view of a scored payment, when it carries one.
-    fn shadow_served(&mut self, _scored: &ScoredPayment) -> Option<Served> {
-        None
+    fn shadow_served(&mut self, scored: &ScoredPayment) -> Option<Served> {
+        let shadow = scored.shadow.as_ref()?;
+        Some(Served {
+            version: self.intern(&shadow.model_version),
+            probability: shadow.fraud_probability,
+            flagged: shadow.is_fraud,
+        })
     }
 
     fn joined(&mut self, served: &[Served], scored_at: i64, label: &PaymentLabel, first: bool, live: bool) {

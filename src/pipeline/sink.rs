@@ -364,25 +364,27 @@ impl Sink {
         // One output value per batch, its payment and score replaced per
         // event: the model's name and version are not copied per event.
         let mut reused: Option<crate::payment::ScoredPayment> = None;
-        let mut scores = batch.payments.into_iter().zip(batch.results).zip(batch.reasons);
+        let shadow = batch.shadow;
+        let mut scores = batch.payments.into_iter().zip(batch.results).zip(batch.reasons).enumerate();
         for (event, undecodable) in events {
             if let Some(error) = undecodable {
                 self.dead_letter(event, now_ms(), DeadLetterReason::Undecodable, &error).await;
                 continue;
             }
-            let Some(((payment, result), reasons)) = scores.next() else {
+            let Some((i, ((payment, result), reasons))) = scores.next() else {
                 return; // fewer scores than payments: the remaining tickets drop, the pipeline stops
             };
             match result {
                 Ok(p) => {
                     let event_time = payment.event_time;
+                    let shadow = shadow.as_ref().and_then(|s| s.of(i));
                     let output = match reused.as_mut() {
                         Some(output) => {
                             output.payment = payment;
-                            batch.model.rescore(output, p[1], reasons);
+                            batch.model.rescore(output, p[1], reasons, shadow);
                             output
                         }
-                        None => reused.insert(batch.model.verdict(payment, p[1], reasons, scored_at)),
+                        None => reused.insert(batch.model.verdict(payment, p[1], reasons, shadow, scored_at)),
                     };
                     let metrics = &self.producer.context().metrics;
                     metrics.fraud_probability.record(output.fraud_probability);

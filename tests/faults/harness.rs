@@ -263,6 +263,68 @@ pub async fn local_model(dir: &Path) -> PathBuf {
     store
 }
 
+// Model versions made by hand, for the scenarios that need a broken one.
+
+/// The only version in a fresh local store, with its manifest.
+pub fn only_version(store: &Path) -> (u64, serde_json::Value) {
+    let entry = std::fs::read_dir(store.join("versions")).unwrap().next().unwrap().unwrap();
+    let version: u64 = entry.file_name().to_str().unwrap().parse().unwrap();
+    let manifest = serde_json::from_slice(&std::fs::read(entry.path().join("model.json")).unwrap()).unwrap();
+    (version, manifest)
+}
+
+/// Publishes `model` as `version` with a copy of `manifest`; `edit` may change
+/// the manifest after its version and model hash were set.
+pub fn publish_version(
+    store: &Path,
+    manifest: &serde_json::Value,
+    version: u64,
+    model: &[u8],
+    edit: impl FnOnce(&mut serde_json::Value),
+) {
+    let folder = store.join("versions").join(version.to_string());
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("model.pt"), model).unwrap();
+    let mut m = manifest.clone();
+    m["version"] = serde_json::json!(version.to_string());
+    m["files"]["model.pt"] = serde_json::json!(fraudstream::model::sha256_hex(model));
+    edit(&mut m);
+    std::fs::write(folder.join("model.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+pub fn model_bytes(store: &Path, version: u64) -> Vec<u8> {
+    std::fs::read(store.join("versions").join(version.to_string()).join("model.pt")).unwrap()
+}
+
+/// A TorchScript model made with PyTorch (FRAUDSTREAM_TORCH_PYTHON): `body`
+/// is the forward pass of a module wrapping the model at `inner` as `self.inner`.
+pub fn python_model(inner: &Path, body: &str, out: &Path) -> Vec<u8> {
+    let python = std::env::var("FRAUDSTREAM_TORCH_PYTHON")
+        .expect("FRAUDSTREAM_TORCH_PYTHON: a Python with PyTorch 2.13.0 (scripts/test sets it)");
+    let script = format!(
+        "import sys, torch\n\
+         class Wrapped(torch.nn.Module):\n\
+         \x20   def __init__(self, inner):\n\
+         \x20       super().__init__()\n\
+         \x20       self.inner = inner\n\
+         \x20   def forward(self, payments: torch.Tensor) -> torch.Tensor:\n\
+         {body}\n\
+         torch.jit.script(Wrapped(torch.jit.load(sys.argv[1]))).save(sys.argv[2])\n"
+    );
+    // From a file: TorchScript reads the module's source back with `inspect`.
+    let script_path = out.with_extension("py");
+    std::fs::write(&script_path, script).unwrap();
+    let output = Command::new(python)
+        .arg(&script_path)
+        .arg(inner)
+        .arg(out)
+        .env("PYTHONWARNINGS", "ignore")
+        .output()
+        .expect("run python");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    std::fs::read(out).unwrap()
+}
+
 /// What most scenarios start from: a temporary folder, the test broker, a
 /// model trained into a local store, and a fresh topic (with its `-out` and
 /// `-dlq` topics) and consumer group.
