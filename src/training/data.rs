@@ -19,6 +19,12 @@ pub enum DataSource {
         rows: u64,
         seed: u64,
     },
+    /// The simulator, drawing from the drifted regime B from payment `drift_after` on.
+    DriftedSimulator {
+        rows: u64,
+        seed: u64,
+        drift_after: u64,
+    },
 }
 
 impl std::fmt::Display for DataSource {
@@ -26,6 +32,9 @@ impl std::fmt::Display for DataSource {
         match self {
             DataSource::Csv(path) => write!(f, "{path}"),
             DataSource::Simulator { rows, seed } => write!(f, "simulator(rows={rows}, seed={seed})"),
+            DataSource::DriftedSimulator { rows, seed, drift_after } => {
+                write!(f, "simulator(rows={rows}, seed={seed}, drift_after={drift_after})")
+            }
         }
     }
 }
@@ -39,6 +48,10 @@ pub async fn load(source: &DataSource) -> Result<Vec<Payment>> {
     let payments = match source {
         DataSource::Simulator { rows, seed } => {
             let sim = Simulator::new(*rows, *seed);
+            sim.inspect(|_| bar.inc(1)).collect()
+        }
+        DataSource::DriftedSimulator { rows, seed, drift_after } => {
+            let sim = Simulator::new(*rows, *seed).drift_after(*drift_after);
             sim.inspect(|_| bar.inc(1)).collect()
         }
         DataSource::Csv(location) => {
