@@ -9,6 +9,7 @@
 //!   batcher task: decode, micro-batch --> ScoringService (model thread)
 //!      \--undecodable--> sink: DLQ                          |
 //!   emitter task <--scores, in batch order------------------+
+//!      --> drift: count the batch into the PSI window (metrics only)
 //!      --> sink: ScoredPayment --> output topic   (bad input --> DLQ)
 //! broker ack (delivery callback) --> ticket.ack() --> OffsetTracker --> store offset --> commit
 //! ```
