@@ -183,6 +183,17 @@ mod tests {
         assert!(err.contains("too small"), "{err}");
     }
 
+    #[tokio::test]
+    async fn a_drifted_simulator_source_says_so_and_drifts() {
+        let source = DataSource::DriftedSimulator { rows: 4_000, seed: 5, drift_after: 1_000 };
+        assert_eq!(source.to_string(), "simulator(rows=4000, seed=5, drift_after=1000)");
+        let drifted = load(&source).await.unwrap();
+        let plain = load(&DataSource::Simulator { rows: 4_000, seed: 5 }).await.unwrap();
+        assert_eq!(drifted[..1_000], plain[..1_000]);
+        assert_eq!(drifted[1_000..], Simulator::new(4_000, 5).drift_after(1_000).skip(1_000).collect::<Vec<_>>()[..]);
+        assert_ne!(content_hash(&drifted), content_hash(&plain));
+    }
+
     #[test]
     fn hash_changes_with_the_data() {
         let a: Vec<Payment> = Simulator::new(100, 1).collect();
