@@ -105,7 +105,7 @@ const REGIME_B_AGE: [f64; 8] = [5.0, 3.0, 1.2, 0.6, 0.4, 0.3, 0.3, 1.0];
 /// Regime B's fraud: (category, share of fraud, mean, std, max amount): mid
 /// amounts in categories that had no fraud in regime A.
 const REGIME_B_FRAUD: [(&str, f64, f64, f64, f64); 2] =
-    [("es_transportation", 0.55, 85.0, 30.0, 250.0), ("es_food", 0.45, 105.0, 35.0, 300.0)];
+    [("es_transportation", 0.55, 140.0, 30.0, 300.0), ("es_food", 0.45, 180.0, 40.0, 400.0)];
 
 /// Which population and fraud pattern a payment is drawn from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -546,7 +546,7 @@ mod tests {
         assert!(frauds.len() > 100, "{} frauds", frauds.len());
         assert!(frauds.iter().all(|p| p.category == "es_transportation" || p.category == "es_food"));
         let mean = frauds.iter().map(|p| p.amount).sum::<f64>() / frauds.len() as f64;
-        assert!((80.0..110.0).contains(&mean), "mid amounts: mean {mean:.2}");
+        assert!((130.0..180.0).contains(&mean), "mid amounts: mean {mean:.2}");
         let share = |set: &[Payment], category: &str| {
             set.iter().filter(|p| p.category == category).count() as f64 / set.len() as f64
         };

@@ -5,7 +5,9 @@
 //! moves (and the score) once the traffic drifts, with a warning naming each;
 //! the gauges are exactly the PSI the library computes offline over the same
 //! windows. Offline, the regime-A model's average precision collapses on
-//! regime B: what the drift hides until labels arrive.
+//! regime B: what the drift hides until labels arrive. A version retrained
+//! on drifted data wins the gate, the scorer swaps to it, and the PSI against
+//! its reference, over a fresh window, is ~0 again.
 
 mod common;
 #[path = "faults/harness.rs"]
@@ -144,10 +146,50 @@ async fn psi_is_near_zero_on_the_training_distribution_and_high_after_the_drift(
     assert!(!scorer.log().contains("drift: the gender"), "a warning for gender:\n{}", scorer.log());
     assert_gauges_are(&on_b, &offline_psi(&model, &traffic_b), "regime B");
 
+    // Retrained on drifted, labelled data, the new version wins the gate on
+    // regime B, the scorer swaps to it and measures against its reference:
+    // a fresh window, ~0 again.
+    let retrained = run_once(&TrainerOptions {
+        data: DataSource::DriftedSimulator { rows: 100_000, seed: 64, drift_after: 0 },
+        model_store: store_url.clone(),
+        device: fraudstream::model::Device::Cpu,
+        train: TrainConfig { seed: 64, max_epochs: 8, ..TrainConfig::default() },
+        ..TrainerOptions::default()
+    })
+    .await
+    .expect("training on regime B");
+    assert_eq!(retrained.label, Some(fraudstream::model::Label::Stable), "{}", retrained.verdict);
+    let files = store.fetch(&retrained.version, &[MODEL_FILE], &fetched.join("versions")).await.unwrap();
+    let new_model = Model::load(&files.dir, tch::Device::Cpu).unwrap();
+    let ap_new = average_precision(&new_model, &traffic_b);
+    eprintln!("retrained on regime B: version {}, AP on regime-B traffic {ap_new:.4}", retrained.version);
+    assert!(ap_new > 10.0 * ap_b, "retraining on regime B restores the AP: {ap_new} vs {ap_b}");
+    let new_version: f64 = retrained.version.parse().unwrap();
+    scorer
+        .wait_until("the swap to the retrained version", Duration::from_secs(60), async |s| {
+            s.metric("fraudstream_model_version").await == new_version
+        })
+        .await;
+    let traffic_c: Vec<Payment> = Simulator::new(20_000, 65).drift_after(0).take(WINDOW).collect();
+    let sent_c = unlabelled(&traffic_c);
+    common::publish(&common::input_producer(), &topic, &records(&sent_c)).await;
+    scorer
+        .wait_until("60,000 outputs", Duration::from_secs(180), async |s| {
+            s.metric("fraudstream_events_out_total").await >= 60_000.0
+        })
+        .await;
+    let after_swap = gauges(&scorer).await;
+    eprintln!("PSI on regime B against the retrained version: {after_swap:?}");
+    for (group, psi) in &after_swap {
+        assert!(psi.is_some_and(|v| v < 0.1), "{group:?}: PSI {psi:?} against the retrained version");
+    }
+    assert_gauges_are(&after_swap, &offline_psi(&new_model, &traffic_c), "after the swap");
+
     // And every output is right: the version's score, decision and reasons.
-    let sent: Vec<Payment> = sent_a.into_iter().chain(sent_b).collect();
+    let sent: Vec<Payment> = sent_a.into_iter().chain(sent_b).chain(sent_c).collect();
     let outputs = read_outputs(&kafka, &format!("{topic}-out"), &sent, Duration::from_secs(10)).await;
     let verified = verify_outputs(&sent, &outputs, &fetched, "drift");
-    assert_eq!(verified.versions.keys().collect::<Vec<_>>(), [&trained.version]);
+    assert_eq!(verified.versions.get(&trained.version), Some(&50_000), "{:?}", verified.versions);
+    assert_eq!(verified.versions.get(&retrained.version), Some(&WINDOW), "{:?}", verified.versions);
     scorer.stop();
 }
