@@ -112,6 +112,9 @@ async fn psi_is_near_zero_on_the_training_distribution_and_high_after_the_drift(
     let group = common::unique("group");
     let window = WINDOW.to_string();
     let mut scorer = Scorer::spawn(&kafka, &topic, &store_url, &group, dir.path(), &["--drift-window", &window]);
+    scorer.wait_until("ready", Duration::from_secs(60), async |s| s.ready().await).await;
+    let unmeasured = gauges(&scorer).await;
+    assert!(unmeasured.iter().all(|(_, v)| v.is_some_and(f64::is_nan)), "before a window fills: {unmeasured:?}");
     let sent_a = unlabelled(&traffic_a);
     common::publish(&common::input_producer(), &topic, &records(&sent_a)).await;
     scorer
