@@ -315,7 +315,7 @@ struct ProduceArgs {
     seed: u64,
     /// Draw the simulated payments from this one on from the drifted regime B (0: all of them):
     /// fraud moves to mid-amount transportation and food, the population shifts.
-    #[arg(long, value_name = "N", env = "FRAUDSTREAM_DRIFT_AFTER", requires = "simulate")]
+    #[arg(long, value_name = "N", env = "FRAUDSTREAM_DRIFT_AFTER", requires = "simulate", conflicts_with = "csv")]
     drift_after: Option<u64>,
     /// Target rate in events per second (default: as fast as the broker takes them).
     #[arg(long, value_name = "EVENTS_PER_S", env = "FRAUDSTREAM_RATE")]

@@ -151,6 +151,14 @@ fn simulate_and_produce_drift_after_k_payments() {
     read.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
     expected.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
     assert_eq!(read, expected, "the drifted payments changed on the way");
+
+    // Only simulated payments drift.
+    let refused = fraudstream().args(["produce", "--csv", "payments.csv", "--drift-after", "5"]).output().unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("--drift-after") && said.contains("cannot be used with"),
+        "{said}"
+    );
 }
 
 #[test]

@@ -28,7 +28,7 @@ struct Cli {
     #[arg(long, value_name = "N", env = "FRAUDSTREAM_SIMULATE")]
     simulate: Option<u64>,
     /// With --simulate: draw the payments from this one on from the drifted regime B (0: all of them).
-    #[arg(long, value_name = "N", env = "FRAUDSTREAM_DRIFT_AFTER", requires = "simulate")]
+    #[arg(long, value_name = "N", env = "FRAUDSTREAM_DRIFT_AFTER", requires = "simulate", conflicts_with = "data")]
     drift_after: Option<u64>,
     /// Simulator seed; also seeds weight initialisation and shuffling.
     #[arg(long, env = "FRAUDSTREAM_SEED", default_value_t = 42)]
