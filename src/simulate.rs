@@ -386,7 +386,10 @@ impl Simulator {
             self.left_in_step = self.step_sizes[self.step as usize];
         }
         self.left_in_step -= 1;
-        let drifted = if self.produced >= self.drift_after { self.regime_b.as_deref() } else { None };
+        let drifted = match self.regime() {
+            Regime::A => None,
+            Regime::B => self.regime_b.as_deref(),
+        };
         let rng = &mut self.rng;
         let fraud = rng.random::<f64>() < self.fraud_rate;
         let (category, customer, amount, merchant) = if let Some(b) = drifted {

@@ -42,7 +42,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use batcher::{BatchPolicy, Batcher};
-pub use drift::DriftMonitor;
 pub use failure::{Failure, PipelineFailure};
 pub use guard::{DeadLetterGuard, GuardLimits};
 pub use offsets::OffsetTracker;
@@ -58,6 +57,7 @@ use crate::registry::{RegistryConfig, SchemaRegistry, WriterSchemas};
 use crate::scoring::{ScoredBatch, ScoringError, ScoringService};
 use crate::telemetry::metric;
 use batcher::Next;
+use drift::DriftMonitor;
 use sink::{Event, Sink};
 use source::{Downstream, Source};
 
