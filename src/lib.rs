@@ -2,8 +2,8 @@
 //!
 //! One library holds the domain; the `fraudstream` and `fraudstream-trainer`
 //! binaries are thin command lines over it. Lower modules never import
-//! higher ones: `payment`, `codec`, `features` and `simulate` are the ground
-//! floor (no Kafka, no torch); `model` stands on `features`; `kafka` and the
+//! higher ones: `payment`, `codec`, `features`, `simulate` and `drift` are the
+//! ground floor (no Kafka, no torch); `model` stands on `features`; `kafka` and the
 //! pipeline stand on `model`.
 
 pub mod api;
@@ -12,6 +12,7 @@ pub mod codec;
 pub mod consume;
 pub mod decision;
 pub mod demo;
+pub mod drift;
 pub mod features;
 pub mod kafka;
 pub mod lifecycle;

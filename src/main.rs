@@ -12,6 +12,7 @@ use cli::choice;
 use fraudstream::codec::{PAYMENT_SCHEMA_JSON, SCORED_PAYMENT_SCHEMA_JSON};
 use fraudstream::consume::{print_events, ConsumeOptions, EventKind, Isolation};
 use fraudstream::demo::DemoConfig;
+use fraudstream::drift::DriftConfig;
 use fraudstream::kafka::{ensure_topics, KafkaArgs};
 use fraudstream::model::Device;
 use fraudstream::model_watch::WatchConfig;
@@ -183,6 +184,13 @@ struct ScoreArgs {
     /// Partitions for the output and dead-letter topics if they must be created (0: never create topics).
     #[arg(long, env = "FRAUDSTREAM_TOPIC_PARTITIONS", default_value_t = 4)]
     topic_partitions: i32,
+    /// Payments per drift window: when one fills, the PSI of each feature group and of the score
+    /// against the serving version's training reference is exported (0: no drift monitoring).
+    #[arg(long, value_name = "PAYMENTS", env = "FRAUDSTREAM_DRIFT_WINDOW", default_value_t = fraudstream::drift::DEFAULT_DRIFT_WINDOW)]
+    drift_window: usize,
+    /// PSI above which a group's drift is logged as a warning.
+    #[arg(long, value_name = "PSI", env = "FRAUDSTREAM_DRIFT_THRESHOLD", default_value_t = fraudstream::drift::DEFAULT_PSI_THRESHOLD)]
+    drift_threshold: f64,
 }
 
 /// Micro-batching and device settings shared by `score` and `demo`.
@@ -256,6 +264,10 @@ struct SimulateArgs {
     /// Output file (default: stdout).
     #[arg(long, short, env = "FRAUDSTREAM_OUTPUT")]
     output: Option<PathBuf>,
+    /// Draw the simulated payments from this one on from the drifted regime B (0: all of them):
+    /// fraud moves to mid-amount transportation and food, the population shifts.
+    #[arg(long, value_name = "N", env = "FRAUDSTREAM_DRIFT_AFTER")]
+    drift_after: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -315,6 +327,10 @@ struct ProduceArgs {
     /// Simulator seed.
     #[arg(long, default_value_t = 42, env = "FRAUDSTREAM_SEED")]
     seed: u64,
+    /// Draw the simulated payments from this one on from the drifted regime B (0: all of them):
+    /// fraud moves to mid-amount transportation and food, the population shifts.
+    #[arg(long, value_name = "N", env = "FRAUDSTREAM_DRIFT_AFTER", requires = "simulate", conflicts_with = "csv")]
+    drift_after: Option<u64>,
     /// Target rate in events per second (default: as fast as the broker takes them).
     #[arg(long, value_name = "EVENTS_PER_S", env = "FRAUDSTREAM_RATE")]
     rate: Option<f64>,
@@ -438,8 +454,17 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
+/// The simulator for `rows` payments, drifting to regime B after `drift_after` of them if given.
+fn simulator(rows: u64, seed: u64, drift_after: Option<u64>) -> Simulator {
+    let sim = Simulator::new(rows, seed);
+    match drift_after {
+        Some(n) => sim.drift_after(n),
+        None => sim,
+    }
+}
+
 fn simulate(args: SimulateArgs) -> Result<()> {
-    let mut sim = Simulator::new(args.rows, args.seed);
+    let mut sim = simulator(args.rows, args.seed, args.drift_after);
     let out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(File::create(path).with_context(|| format!("creating {}", path.display()))?),
         None => Box::new(std::io::stdout().lock()),
@@ -554,7 +579,7 @@ async fn produce(args: ProduceArgs) -> Result<()> {
             });
             (Box::new(rows), None)
         }
-        (None, Some(n)) => (Box::new(Simulator::new(n, args.seed)), Some(n)),
+        (None, Some(n)) => (Box::new(simulator(n, args.seed, args.drift_after)), Some(n)),
         (None, None) => bail!("pass --csv FILE or --simulate N"),
     };
     let bar = match total {
@@ -604,6 +629,9 @@ async fn consume(args: ConsumeArgs) -> Result<()> {
 }
 
 async fn score(args: ScoreArgs) -> Result<()> {
+    if args.drift_threshold.is_nan() || args.drift_threshold < 0.0 {
+        bail!("--drift-threshold must be a PSI (a number >= 0), not {}", args.drift_threshold);
+    }
     let device = args.scoring.device.resolve()?;
     let cache = match &args.model_cache {
         Some(dir) => dir.clone(),
@@ -636,6 +664,7 @@ async fn score(args: ScoreArgs) -> Result<()> {
                 interval: args.transaction_interval,
                 max_events: args.transaction_max_events,
             },
+            drift: DriftConfig { window: args.drift_window, threshold: args.drift_threshold },
             relay_baseline: false,
         },
         watch: WatchConfig {

@@ -43,6 +43,8 @@ pub struct ModelInfo {
     /// Whether the version can give reasons (it has a training reference).
     pub explains: bool,
     pub device: String,
+    /// What the version's live traffic is compared with (PSI); none in older versions.
+    pub drift_reference: Option<Arc<crate::drift::DriftReference>>,
 }
 
 impl ModelInfo {
@@ -123,6 +125,7 @@ impl ModelInfo {
             feature_spec: m.feature_spec.clone(),
             explains: !m.feature_reference.is_empty(),
             device: crate::model::device_name(model.device()),
+            drift_reference: m.drift_reference.clone().map(Arc::new),
         }
     }
 

@@ -11,6 +11,15 @@
 //! 2.2k to 3.8k a day (scaled to the rows asked for); thieves that hold stolen
 //! cards (victims drawn with the published fraud rates per age and gender)
 //! and spend in the fraud-prone categories at about 4x the legitimate amounts.
+//!
+//! Drift (`Simulator::drift_after`): from a chosen payment on, the simulator
+//! draws from regime B instead (A is the calibrated BankSim above). In B the
+//! fraud pattern moves to what a model trained on A scores as safe, mid
+//! amounts in es_transportation and es_food (categories with no fraud in A),
+//! and the population shifts: fewer transportation payments, many more food
+//! ones, amounts 50% higher, younger customers. Feature PSI and score PSI
+//! notice the shift; only labels show that the model now misses the fraud.
+//! Regime A's output for a seed is unchanged by the option (tested byte for byte).
 
 use std::io::Write;
 
@@ -85,6 +94,29 @@ const MERCHANTS: [&[&str]; 15] = [
     &["M1198415165", "M1535107174", "M1748431652", "M1946091778", "M209847108", "M78078399", "M97925176"],
 ];
 
+/// Regime B's legitimate payments: multipliers of each category's regime-A
+/// weight (order of `features::CATEGORIES`): transportation halves, food
+/// quadruples, the rest doubles (health one and a half times).
+const REGIME_B_LEGIT_CATEGORY: [f64; 15] = [2.0, 2.0, 2.0, 4.0, 1.5, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.5, 2.0, 2.0];
+/// Regime B's legitimate amounts: regime A's mean, std and max times this.
+const REGIME_B_AMOUNT_SCALE: f64 = 1.5;
+/// Regime B's legitimate payments: multipliers of each age band's share (order of `features::AGES`).
+const REGIME_B_AGE: [f64; 8] = [5.0, 3.0, 1.2, 0.6, 0.4, 0.3, 0.3, 1.0];
+/// Regime B's fraud: (category, share of fraud, mean, std, max amount): mid
+/// amounts in categories that had no fraud in regime A.
+const REGIME_B_FRAUD: [(&str, f64, f64, f64, f64); 2] =
+    [("es_transportation", 0.55, 140.0, 30.0, 300.0), ("es_food", 0.45, 180.0, 40.0, 400.0)];
+
+/// Which population and fraud pattern a payment is drawn from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Regime {
+    /// The calibrated BankSim statistics.
+    A,
+    /// Drifted: fraud moved to mid amounts in transportation and food, a
+    /// shifted population (see the module comment).
+    B,
+}
+
 /// `n` indices in proportion to `weights` (largest remainder), in index order.
 fn quota(weights: &[f64], n: usize) -> Vec<usize> {
     let total: f64 = weights.iter().sum();
@@ -153,6 +185,53 @@ impl AmountModel {
     }
 }
 
+/// Regime B's tables, built from regime A's without drawing from the RNG
+/// (so regime A's payments stay what they were).
+#[derive(Debug, Clone)]
+struct RegimeB {
+    legit_category: Categorical,
+    fraud_category: Categorical,
+    legit_amount: Vec<AmountModel>,
+    fraud_amount: Vec<Option<AmountModel>>,
+    /// Age band of a legitimate payment, then a customer of that age.
+    age: Categorical,
+    customers_by_age: Vec<Vec<u32>>,
+}
+
+impl RegimeB {
+    fn new(customers: &[Customer]) -> Self {
+        let mut customers_by_age = vec![Vec::new(); AGES.len()];
+        for (i, c) in customers.iter().enumerate() {
+            customers_by_age[c.age as usize].push(i as u32);
+        }
+        let fraud_share = |name: &str| REGIME_B_FRAUD.iter().find(|f| f.0 == name);
+        Self {
+            legit_category: Categorical::new(CATEGORY_STATS.iter().zip(REGIME_B_LEGIT_CATEGORY).map(|(c, m)| c.1 * m)),
+            fraud_category: Categorical::new(CATEGORY_STATS.iter().map(|c| fraud_share(c.0).map_or(0.0, |f| f.1))),
+            legit_amount: CATEGORY_STATS
+                .iter()
+                .map(|c| {
+                    let k = REGIME_B_AMOUNT_SCALE;
+                    AmountModel::new(c.3 * k, c.4 * k, c.5 * k).expect("every category has legitimate payments")
+                })
+                .collect(),
+            fraud_amount: CATEGORY_STATS
+                .iter()
+                .map(|c| fraud_share(c.0).and_then(|f| AmountModel::new(f.2, f.3, f.4)))
+                .collect(),
+            // An age band without customers (small populations) gets none of the payments.
+            age: Categorical::new((0..AGES.len()).map(|a| {
+                if customers_by_age[a].is_empty() {
+                    0.0
+                } else {
+                    AGE_STATS[a].0 * REGIME_B_AGE[a]
+                }
+            })),
+            customers_by_age,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Customer {
     id: String,
@@ -194,6 +273,9 @@ pub struct Simulator {
     fraud_amount: Vec<Option<AmountModel>>,
     legit_merchant: Vec<Categorical>,
     fraud_merchant: Vec<Categorical>,
+    /// Payments from this index on are drawn from regime B (`u64::MAX`: never).
+    drift_after: u64,
+    regime_b: Option<Box<RegimeB>>,
 }
 
 impl Simulator {
@@ -266,7 +348,26 @@ impl Simulator {
             fraud_amount: CATEGORY_STATS.iter().map(|c| AmountModel::new(c.6, c.7, c.8)).collect(),
             legit_merchant: MERCHANTS.iter().map(|m| merchant_weights(m.len(), false)).collect(),
             fraud_merchant: MERCHANTS.iter().map(|m| merchant_weights(m.len(), true)).collect(),
+            drift_after: u64::MAX,
+            regime_b: None,
             rng,
+        }
+    }
+
+    /// Draws the payments from index `n` on from regime B (0: all of them);
+    /// the first `n` are exactly those of regime A for the same seed.
+    pub fn drift_after(mut self, n: u64) -> Self {
+        self.regime_b = Some(Box::new(RegimeB::new(&self.customers)));
+        self.drift_after = n;
+        self
+    }
+
+    /// The regime of the next payment.
+    pub fn regime(&self) -> Regime {
+        if self.produced >= self.drift_after {
+            Regime::B
+        } else {
+            Regime::A
         }
     }
 
@@ -285,9 +386,26 @@ impl Simulator {
             self.left_in_step = self.step_sizes[self.step as usize];
         }
         self.left_in_step -= 1;
+        let drifted = match self.regime() {
+            Regime::A => None,
+            Regime::B => self.regime_b.as_deref(),
+        };
         let rng = &mut self.rng;
         let fraud = rng.random::<f64>() < self.fraud_rate;
-        let (category, customer, amount, merchant) = if fraud {
+        let (category, customer, amount, merchant) = if let Some(b) = drifted {
+            if fraud {
+                let category = b.fraud_category.sample(rng);
+                let victim = self.victims[rng.random_range(0..self.victims.len())];
+                let amount = b.fraud_amount[category].as_ref().map_or(0.0, |m| m.sample(rng));
+                (category, victim, amount, self.fraud_merchant[category].sample(rng))
+            } else {
+                let category = b.legit_category.sample(rng);
+                let of_age = &b.customers_by_age[b.age.sample(rng)];
+                let customer = of_age[rng.random_range(0..of_age.len())];
+                let amount = b.legit_amount[category].sample(rng);
+                (category, customer, amount, self.legit_merchant[category].sample(rng))
+            }
+        } else if fraud {
             let category = self.fraud_category.sample(rng);
             let victim = self.victims[rng.random_range(0..self.victims.len())];
             let amount = self.fraud_amount[category].as_ref().map_or(0.0, |m| m.sample(rng));
@@ -399,6 +517,49 @@ mod tests {
             );
             assert_eq!((&r.age, &r.gender, r.step), (&e.age, &e.gender, e.step));
         }
+    }
+
+    /// Regime A is what it was before drift existed: the same bytes for a seed.
+    #[test]
+    fn regime_a_output_is_unchanged() {
+        use sha2::Digest;
+        let mut out = Vec::new();
+        Simulator::new(20_000, 42).write_csv(&mut out).unwrap();
+        // `fraudstream simulate --rows 20000 --seed 42 | sha256sum`, before the drift option.
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&out)),
+            "1916877665e18b48d2893842f883dca68409433e89c9ce6c9ef348176f17e5cb"
+        );
+        let mut never = Vec::new();
+        Simulator::new(20_000, 42).drift_after(u64::MAX).write_csv(&mut never).unwrap();
+        assert!(never == out, "a drift that never comes changes nothing");
+    }
+
+    #[test]
+    fn drift_after_n_keeps_the_first_n_payments_and_moves_the_fraud() {
+        let a: Vec<Payment> = Simulator::new(20_000, 9).collect();
+        let mut sim = Simulator::new(20_000, 9).drift_after(5_000);
+        assert_eq!(sim.regime(), Regime::A);
+        let drifted: Vec<Payment> = sim.by_ref().collect();
+        assert_eq!(sim.regime(), Regime::B);
+        assert_eq!(a[..5_000], drifted[..5_000]);
+        assert_ne!(a[5_000..], drifted[5_000..]);
+        let b = &drifted[5_000..];
+        let frauds: Vec<&Payment> = b.iter().filter(|p| p.fraud == Some(true)).collect();
+        assert!(frauds.len() > 100, "{} frauds", frauds.len());
+        assert!(frauds.iter().all(|p| p.category == "es_transportation" || p.category == "es_food"));
+        let mean = frauds.iter().map(|p| p.amount).sum::<f64>() / frauds.len() as f64;
+        assert!((130.0..180.0).contains(&mean), "mid amounts: mean {mean:.2}");
+        let share = |set: &[Payment], category: &str| {
+            set.iter().filter(|p| p.category == category).count() as f64 / set.len() as f64
+        };
+        assert!(share(&a[5_000..], "es_transportation") > 0.8 && share(b, "es_transportation") < 0.65);
+        assert!(share(&a[5_000..], "es_food") < 0.07 && share(b, "es_food") > 0.15);
+        let young = |set: &[Payment]| set.iter().filter(|p| p.age == "1").count() as f64 / set.len() as f64;
+        assert!(young(b) > 1.8 * young(&a[5_000..]), "age 1: {} vs {}", young(b), young(&a[5_000..]));
+        // Same days, same ids: only what is drawn changes.
+        assert_eq!(b[0].payment_id, a[5_000].payment_id);
+        assert_eq!(b.last().unwrap().step, a.last().unwrap().step);
     }
 
     fn within(actual: f64, expected: f64, rel: f64, abs: f64) -> bool {

@@ -72,6 +72,10 @@ pub mod metric {
     pub const PAYMENTS_EXPLAINED: &str = "fraudstream_payments_explained_total";
     /// Counter, label `decision`: scored events by decision band.
     pub const DECISIONS: &str = "fraudstream_decisions_total";
+    /// Gauge, label `group` (category/age/gender/amount/score): population stability index of the last
+    /// full drift window against the serving version's training reference; NaN before the first window
+    /// fills and for a version without a reference; absent with `--drift-window 0`.
+    pub const PSI: &str = "fraudstream_psi";
     /// Counter: events flagged as fraud at the model's threshold.
     pub const FRAUD_FLAGGED: &str = "fraudstream_fraud_flagged_total";
     /// Gauge, label `version`: 1 for the model version now serving.

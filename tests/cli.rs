@@ -110,6 +110,57 @@ fn produce_then_consume_round_trips_through_the_broker() {
     }
 }
 
+/// `--drift-after K` (and its env fallback): the first K payments are regime
+/// A's, the rest regime B's, in the CSV and through the broker alike.
+#[test]
+fn simulate_and_produce_drift_after_k_payments() {
+    let text = run_ok(
+        fraudstream().args(["simulate", "--rows", "3000", "--seed", "9"]).env("FRAUDSTREAM_DRIFT_AFTER", "1000"),
+    );
+    let rows: Vec<Payment> = BankSimReader::new(text.as_bytes()).unwrap().map(|r| r.unwrap()).collect();
+    let expected: Vec<Payment> = Simulator::new(3000, 9).drift_after(1000).collect();
+    let key = |p: &Payment| (p.customer.clone(), p.category.clone(), p.amount.to_bits(), p.fraud);
+    assert_eq!(rows.iter().map(key).collect::<Vec<_>>(), expected.iter().map(key).collect::<Vec<_>>());
+    let regime_a: Vec<Payment> = Simulator::new(3000, 9).collect();
+    assert_eq!(expected[..1000], regime_a[..1000]);
+    let b_frauds = expected[1000..].iter().filter(|p| p.fraud == Some(true));
+    assert!(
+        b_frauds.clone().count() > 0
+            && b_frauds.clone().all(|p| ["es_transportation", "es_food"].contains(&p.category.as_str()))
+    );
+
+    let kafka = common::kafka();
+    let topic = common::unique("cli-drift");
+    let summary = run_ok(fraudstream().args([
+        "produce",
+        "--brokers",
+        &kafka.brokers,
+        "--topic",
+        &topic,
+        "--simulate",
+        "3000",
+        "--seed",
+        "9",
+        "--drift-after",
+        "1000",
+        "--keep-event-time",
+    ]));
+    assert!(summary.contains("sent 3000 payments, 0 failed"), "{summary}");
+    let mut read = consume_payments(&kafka, &topic, &[]);
+    let mut expected = expected;
+    read.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
+    expected.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
+    assert_eq!(read, expected, "the drifted payments changed on the way");
+
+    // Only simulated payments drift.
+    let refused = fraudstream().args(["produce", "--csv", "payments.csv", "--drift-after", "5"]).output().unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("--drift-after") && said.contains("cannot be used with"),
+        "{said}"
+    );
+}
+
 #[test]
 fn produce_publishes_the_real_banksim_file() {
     let kafka = common::kafka();

@@ -20,6 +20,7 @@ pub use store::{s3_client, ModelStore, S3Url, StoreError, VersionFiles};
 pub use torch::{device_name, Device, Model, ModelError};
 
 use crate::decision::DecisionBands;
+use crate::drift::DriftReference;
 use crate::features::FeatureSpec;
 
 /// A model version: the unix seconds of its publication, as its folder
@@ -89,6 +90,11 @@ pub struct ModelManifest {
     /// before reasons: those give none.
     #[serde(default)]
     pub feature_reference: Vec<f32>,
+    /// The training data's feature distributions and the holdout's score
+    /// distribution, which scorers compare live traffic with (PSI). `None`
+    /// in versions published before drift references: those get no PSI.
+    #[serde(default)]
+    pub drift_reference: Option<DriftReference>,
     /// Evaluation results (holdout and validation), as the trainer reports them.
     pub metrics: serde_json::Value,
     pub training_data: TrainingDataSummary,
@@ -152,6 +158,9 @@ impl ModelManifest {
                 self.feature_reference.len(),
                 self.feature_spec.width()
             )));
+        }
+        if let Some(reference) = &self.drift_reference {
+            reference.check().map_err(invalid)?;
         }
         let Some(expected) = self.files.get(MODEL_FILE) else {
             return Err(invalid(format!(

@@ -9,6 +9,7 @@
 //!   batcher task: decode, micro-batch --> ScoringService (model thread)
 //!      \--undecodable--> sink: DLQ                          |
 //!   emitter task <--scores, in batch order------------------+
+//!      --> drift: count the batch into the PSI window (metrics only)
 //!      --> sink: ScoredPayment --> output topic   (bad input --> DLQ)
 //! broker ack (delivery callback) --> ticket.ack() --> OffsetTracker --> store offset --> commit
 //! ```
@@ -22,6 +23,7 @@
 //! (events and bytes) that every ticket holds until it is finished.
 
 mod batcher;
+mod drift;
 mod failure;
 mod guard;
 mod offsets;
@@ -55,6 +57,7 @@ use crate::registry::{RegistryConfig, SchemaRegistry, WriterSchemas};
 use crate::scoring::{ScoredBatch, ScoringError, ScoringService};
 use crate::telemetry::metric;
 use batcher::Next;
+use drift::DriftMonitor;
 use sink::{Event, Sink};
 use source::{Downstream, Source};
 
@@ -103,6 +106,8 @@ pub struct PipelineConfig {
     /// Where writer schemas of Confluent-format input are looked up; the
     /// output schema is registered there by the scorer.
     pub schema_registry: Option<RegistryConfig>,
+    /// PSI of the stream against the serving version's training reference.
+    pub drift: crate::drift::DriftConfig,
     /// Benchmarks only (no flag sets it): forward every input event unchanged
     /// to the output topic, without decoding or scoring, through the same
     /// consumer, tickets and producer: the baseline for the Kafka ceiling.
@@ -128,6 +133,7 @@ impl Default for PipelineConfig {
             delivery: Delivery::AtLeastOnce,
             transaction: TransactionConfig::default(),
             schema_registry: None,
+            drift: crate::drift::DriftConfig::default(),
             relay_baseline: false,
         }
     }
@@ -303,7 +309,8 @@ pub async fn run(
         let policy = BatchPolicy { max_batch: config.max_batch.max(1), max_delay: config.max_delay };
         let input = Input { codec: config.input_codec, schemas, state: state.clone(), stop: stop.clone() };
         let batching = tokio::spawn(batch(chunk_rx, policy, input, scoring, batch_tx));
-        let emitting = tokio::spawn(emit(batch_rx, sink.clone(), counters.clone()));
+        let drift = DriftMonitor::new(config.drift);
+        let emitting = tokio::spawn(emit(batch_rx, sink.clone(), counters.clone(), drift));
         (Downstream::Batcher(chunk_tx), vec![batching, emitting])
     };
     let source = Source::create(&config, acks, state.clone(), counters.clone(), sink.clone(), downstream, events_in)
@@ -413,10 +420,19 @@ async fn submit(
     let _ = batches.send((events, reply)).await;
 }
 
-/// The emitter task: produces each batch's results in the order the batches were cut.
-async fn emit(mut batches: mpsc::Receiver<Pending>, sink: Arc<Sink>, counters: Arc<PipelineCounters>) {
+/// The emitter task: produces each batch's results in the order the batches
+/// were cut, and counts them for drift.
+async fn emit(
+    mut batches: mpsc::Receiver<Pending>,
+    sink: Arc<Sink>,
+    counters: Arc<PipelineCounters>,
+    mut drift: DriftMonitor,
+) {
     while let Some((events, reply)) = batches.recv().await {
         let batch = reply.await.unwrap_or(Err(ScoringError::Stopped));
+        if let Ok(batch) = &batch {
+            drift.observe(batch);
+        }
         sink.emit(events, batch, &counters).await;
     }
 }

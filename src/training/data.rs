@@ -19,6 +19,12 @@ pub enum DataSource {
         rows: u64,
         seed: u64,
     },
+    /// The simulator, drawing from the drifted regime B from payment `drift_after` on.
+    DriftedSimulator {
+        rows: u64,
+        seed: u64,
+        drift_after: u64,
+    },
 }
 
 impl std::fmt::Display for DataSource {
@@ -26,6 +32,9 @@ impl std::fmt::Display for DataSource {
         match self {
             DataSource::Csv(path) => write!(f, "{path}"),
             DataSource::Simulator { rows, seed } => write!(f, "simulator(rows={rows}, seed={seed})"),
+            DataSource::DriftedSimulator { rows, seed, drift_after } => {
+                write!(f, "simulator(rows={rows}, seed={seed}, drift_after={drift_after})")
+            }
         }
     }
 }
@@ -39,6 +48,10 @@ pub async fn load(source: &DataSource) -> Result<Vec<Payment>> {
     let payments = match source {
         DataSource::Simulator { rows, seed } => {
             let sim = Simulator::new(*rows, *seed);
+            sim.inspect(|_| bar.inc(1)).collect()
+        }
+        DataSource::DriftedSimulator { rows, seed, drift_after } => {
+            let sim = Simulator::new(*rows, *seed).drift_after(*drift_after);
             sim.inspect(|_| bar.inc(1)).collect()
         }
         DataSource::Csv(location) => {
@@ -168,6 +181,17 @@ mod tests {
         let payments: Vec<Payment> = Simulator::new(30, 5).collect();
         let err = TimeSplit::new(payments, 0.7, 0.15).unwrap_err().to_string();
         assert!(err.contains("too small"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_drifted_simulator_source_says_so_and_drifts() {
+        let source = DataSource::DriftedSimulator { rows: 4_000, seed: 5, drift_after: 1_000 };
+        assert_eq!(source.to_string(), "simulator(rows=4000, seed=5, drift_after=1000)");
+        let drifted = load(&source).await.unwrap();
+        let plain = load(&DataSource::Simulator { rows: 4_000, seed: 5 }).await.unwrap();
+        assert_eq!(drifted[..1_000], plain[..1_000]);
+        assert_eq!(drifted[1_000..], Simulator::new(4_000, 5).drift_after(1_000).skip(1_000).collect::<Vec<_>>()[..]);
+        assert_ne!(content_hash(&drifted), content_hash(&plain));
     }
 
     #[test]

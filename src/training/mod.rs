@@ -18,6 +18,7 @@ use crate::model::{
 use crate::{FeatureEncoder, FeatureSpec, Payment};
 use serde_json::json;
 
+use crate::drift::DriftReference;
 use crate::features::AmountScale;
 use crate::model::Label;
 use crate::training::data::{DataSource, TimeSplit};
@@ -253,7 +254,7 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         "holdout": { "model": holdout, "baseline": baseline_eval, "champion": champion.as_ref().map(|(v, e)| json!({"version": v, "evaluation": e})) },
         "history": history,
     });
-    let manifest = ModelManifest {
+    let mut manifest = ModelManifest {
         name: options.model_name.clone(),
         version: version.clone(),
         created_at: crate::payment::now_ms(),
@@ -263,6 +264,8 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         threshold,
         decision_bands: Some(bands),
         feature_reference: crate::decision::feature_reference(&train_x, width),
+        // Set below, from the scores of the exported model: what scorers will compute.
+        drift_reference: None,
         metrics: metrics.clone(),
         training_data: summary.clone(),
         trainer_version: env!("CARGO_PKG_VERSION").into(),
@@ -285,6 +288,7 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
             "the exported TorchScript model scores differ from the trained model by {drift}; not publishing"
         )));
     }
+    manifest.drift_reference = Some(DriftReference::new(&manifest.feature_spec, &split.train, &reloaded));
 
     let (wins, verdict) = match &champion {
         None => (true, "no champion yet: publishing".to_string()),

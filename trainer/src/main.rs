@@ -27,6 +27,9 @@ struct Cli {
     /// Train on N simulated payments instead of a file.
     #[arg(long, value_name = "N", env = "FRAUDSTREAM_SIMULATE")]
     simulate: Option<u64>,
+    /// With --simulate: draw the payments from this one on from the drifted regime B (0: all of them).
+    #[arg(long, value_name = "N", env = "FRAUDSTREAM_DRIFT_AFTER", requires = "simulate", conflicts_with = "data")]
+    drift_after: Option<u64>,
     /// Simulator seed; also seeds weight initialisation and shuffling.
     #[arg(long, env = "FRAUDSTREAM_SEED", default_value_t = 42)]
     seed: u64,
@@ -112,7 +115,10 @@ async fn main() -> Result<()> {
     tch::set_num_threads(cli.threads);
     let data = match (cli.data, cli.simulate) {
         (Some(path), _) => DataSource::Csv(path),
-        (None, Some(rows)) => DataSource::Simulator { rows, seed: cli.seed },
+        (None, Some(rows)) => match cli.drift_after {
+            None => DataSource::Simulator { rows, seed: cli.seed },
+            Some(drift_after) => DataSource::DriftedSimulator { rows, seed: cli.seed, drift_after },
+        },
         (None, None) => bail!("pass --data FILE|s3://bucket/key or --simulate N"),
     };
     let options = TrainerOptions {

@@ -152,6 +152,11 @@ async fn bad_input_fails_clearly_and_publishes_nothing() {
     let (ok, out) = trainer(&["--data", "/nonexistent/data.csv", "--model-store", &store]).output_text();
     assert!(!ok && out.contains("/nonexistent/data.csv"), "{out}");
 
+    // A drift of data that is not simulated.
+    let (ok, out) =
+        trainer(&["--data", csv.to_str().unwrap(), "--drift-after", "0", "--model-store", &store]).output_text();
+    assert!(!ok && out.contains("--drift-after") && out.contains("cannot be used with"), "{out}");
+
     assert!(versions(&store).await.is_empty(), "nothing may be published by failed runs");
 }
 
