@@ -120,6 +120,16 @@ impl PartitionJoin {
         self.scored.is_empty() && self.labels.is_empty()
     }
 
+    /// Whether this scored payment is held already (a re-delivery).
+    pub fn has_scored(&self, payment_id: &str) -> bool {
+        self.scored.contains_key(payment_id)
+    }
+
+    /// The versions that served a held payment (empty if it is not held).
+    pub fn served(&self, payment_id: &str) -> Vec<Served> {
+        self.scored.get(payment_id).map(|e| e.served.clone()).unwrap_or_default()
+    }
+
     /// A scored payment arrives.
     pub fn on_scored(&mut self, payment_id: &str, entry: Entry) -> ScoredOutcome {
         if self.scored.contains_key(payment_id) {

@@ -242,6 +242,7 @@ fn poll_loop(
     let core = Arc::new(Mutex::new(Core {
         quality: Quality::new(config.quality_window),
         parts,
+        counts: Default::default(),
         config: config.clone(),
         producer,
         joins: HashMap::new(),

@@ -47,6 +47,8 @@ pub(super) struct Core {
     pub(super) positions: HashMap<(Input, i32), i64>,
     pub(super) quality: Quality,
     pub(super) parts: super::MonitorParts,
+    /// Counted per record, published per export (a metric call per record costs as much as the join).
+    pub(super) counts: Counts,
     pub(super) versions: HashMap<String, Arc<str>>,
     /// A failure seen in the rebalance callback, for the loop to return.
     pub(super) failure: Option<MonitorError>,
@@ -187,7 +189,7 @@ impl Core {
             window_ms: i64::try_from(self.config.label_window.as_millis()).unwrap_or(i64::MAX),
             max_entries: self.config.max_entries,
         };
-        let outcome_name = match input {
+        let outcome = match input {
             Input::Scored => {
                 let scored = match codec.decode_scored(record.payload) {
                     Ok(s) => s,
@@ -198,33 +200,36 @@ impl Core {
                         return Ok(());
                     }
                 };
-                let mut served = vec![Served {
-                    version: self.intern(&scored.model_version),
-                    probability: scored.fraud_probability,
-                    flagged: scored.is_fraud,
-                }];
-                served.extend(self.shadow_served(&scored));
-                let entry = Entry {
-                    payload: record.payload.into(),
-                    event_time: scored.payment.event_time,
-                    scored_at: scored.scored_at,
-                    served: served.clone(),
-                    label: None,
-                };
                 let join = self.joins.entry(partition).or_insert_with(|| PartitionJoin::new(limits));
-                match join.on_scored(&scored.payment.payment_id, entry) {
-                    ScoredOutcome::Duplicate => "duplicate",
-                    ScoredOutcome::Waiting => {
-                        self.quality.scored(&served);
-                        "waiting"
-                    }
-                    ScoredOutcome::Joined(label) => {
-                        self.quality.scored(&served);
-                        self.joined(&served, scored.scored_at, &label, true, live);
-                        if live {
-                            self.emit(scored, &label)?;
+                if join.has_scored(&scored.payment.payment_id) {
+                    Counted::Duplicate
+                } else {
+                    let mut served = vec![Served {
+                        version: self.intern(&scored.model_version),
+                        probability: scored.fraud_probability,
+                        flagged: scored.is_fraud,
+                    }];
+                    served.extend(self.shadow_served(&scored));
+                    self.quality.scored(&served);
+                    let entry = Entry {
+                        payload: record.payload.into(),
+                        event_time: scored.payment.event_time,
+                        scored_at: scored.scored_at,
+                        served,
+                        label: None,
+                    };
+                    let join = self.joins.entry(partition).or_insert_with(|| PartitionJoin::new(limits));
+                    match join.on_scored(&scored.payment.payment_id, entry) {
+                        ScoredOutcome::Duplicate => Counted::Duplicate,
+                        ScoredOutcome::Waiting => Counted::Waiting,
+                        ScoredOutcome::Joined(label) => {
+                            let served = join.served(&scored.payment.payment_id);
+                            self.joined(&served, scored.scored_at, &label, true, live);
+                            if live {
+                                self.emit(scored, &label)?;
+                            }
+                            Counted::Joined
                         }
-                        "joined"
                     }
                 }
             }
@@ -245,46 +250,36 @@ impl Core {
                     return Ok(());
                 }
                 let join = self.joins.entry(partition).or_insert_with(|| PartitionJoin::new(limits));
-                let (first, found) = match join.on_label(label) {
-                    Outcome::Waiting => (None, None),
-                    Outcome::Duplicate => (None, Some("duplicate")),
-                    Outcome::Joined { entry, label } => (Some((entry.clone(), label, true)), None),
-                    Outcome::Corrected { entry, label } => (Some((entry.clone(), label, false)), None),
+                // What a join needs of the entry, taken while the join lends it.
+                let joined = |entry: &Entry, label: PaymentLabel| {
+                    let scored = live.then(|| codec.decode_scored(&entry.payload).expect("decoded when it was stored"));
+                    Some((entry.served.clone(), entry.scored_at, scored, label))
                 };
-                match (first, found) {
-                    (Some((entry, label, first)), _) => {
-                        self.joined(&entry.served, entry.scored_at, &label, first, live);
-                        if live {
-                            let scored = codec.decode_scored(&entry.payload).expect("decoded when it was stored");
-                            self.emit(scored, &label)?;
-                        }
-                        if first {
-                            "joined"
-                        } else {
-                            "corrected"
-                        }
+                let (found, counted) = match join.on_label(label) {
+                    Outcome::Waiting => (None, Counted::Waiting),
+                    Outcome::Duplicate => (None, Counted::Duplicate),
+                    Outcome::Joined { entry, label } => (joined(entry, label), Counted::Joined),
+                    Outcome::Corrected { entry, label } => (joined(entry, label), Counted::Corrected),
+                };
+                if let Some((served, scored_at, scored, label)) = found {
+                    self.joined(&served, scored_at, &label, counted == Counted::Joined, live);
+                    if let Some(scored) = scored {
+                        self.emit(scored, &label)?;
                     }
-                    (None, Some(name)) => name,
-                    (None, None) => "waiting",
                 }
+                counted
             }
         };
         if live {
-            metrics::counter!(metric::MONITOR_RECORDS, "input" => input.name(), "outcome" => outcome_name).increment(1);
+            self.counts.records[input as usize][outcome as usize] += 1;
         }
         let evicted = self.joins.get_mut(&partition).map(PartitionJoin::evict).unwrap_or_default();
         for entry in evicted.unlabelled.iter().chain(&evicted.labelled) {
             self.quality.evicted(entry);
         }
-        for (kind, n) in [
-            ("unlabelled", evicted.unlabelled.len() as u64),
-            ("labelled", evicted.labelled.len() as u64),
-            ("unmatched-label", evicted.unmatched_labels),
-        ] {
-            if n > 0 {
-                metrics::counter!(metric::MONITOR_EVICTIONS, "kind" => kind).increment(n);
-            }
-        }
+        self.counts.evictions[0] += evicted.unlabelled.len() as u64;
+        self.counts.evictions[1] += evicted.labelled.len() as u64;
+        self.counts.evictions[2] += evicted.unmatched_labels;
         Ok(())
     }
 
@@ -310,7 +305,29 @@ impl Core {
         }
     }
 
-    pub(super) fn export(&self) {
+    /// Publishes the counts since the last export and the live numbers.
+    pub(super) fn export(&mut self) {
+        let counts = std::mem::take(&mut self.counts);
+        for (input, outcomes) in [Input::Scored, Input::Labels].into_iter().zip(counts.records) {
+            for (outcome, n) in Counted::ALL.into_iter().zip(outcomes) {
+                if n > 0 {
+                    metrics::counter!(metric::MONITOR_RECORDS, "input" => input.name(), "outcome" => outcome.name())
+                        .increment(n);
+                }
+            }
+        }
+        metrics::counter!(metric::MONITOR_JOINS).increment(counts.joins);
+        for (kind, n) in ["unlabelled", "labelled", "unmatched-label"].into_iter().zip(counts.evictions) {
+            if n > 0 {
+                metrics::counter!(metric::MONITOR_EVICTIONS, "kind" => kind).increment(n);
+            }
+        }
+        for (version, delays) in counts.delays {
+            let histogram = metrics::histogram!(metric::MONITOR_LABEL_DELAY_SECONDS, "version" => version.to_string());
+            for delay in delays {
+                histogram.record(delay);
+            }
+        }
         let reports = self.quality.report();
         for r in &reports {
             let v = r.version.to_string();
@@ -330,6 +347,40 @@ impl Core {
         metrics::gauge!(metric::MONITOR_STATE, "kind" => "labels").set(labels as f64);
         *self.parts.reports.lock().expect("monitor reports lock") = reports;
     }
+}
+
+/// What a record did, as `fraudstream_monitor_records_total{outcome}` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Counted {
+    Joined,
+    Waiting,
+    Duplicate,
+    Corrected,
+}
+
+impl Counted {
+    const ALL: [Counted; 4] = [Counted::Joined, Counted::Waiting, Counted::Duplicate, Counted::Corrected];
+
+    fn name(self) -> &'static str {
+        match self {
+            Counted::Joined => "joined",
+            Counted::Waiting => "waiting",
+            Counted::Duplicate => "duplicate",
+            Counted::Corrected => "corrected",
+        }
+    }
+}
+
+/// Counts since the last export.
+#[derive(Debug, Default)]
+pub(super) struct Counts {
+    /// By input (scored, labels), then by `Counted`.
+    records: [[u64; 4]; 2],
+    joins: u64,
+    /// Unlabelled, labelled, unmatched labels.
+    evictions: [u64; 3],
+    /// Label delays in seconds, by serving version.
+    delays: HashMap<Arc<str>, Vec<f64>>,
 }
 
 /// The parts of a Kafka record the monitor uses.

@@ -127,7 +127,13 @@ mod tests {
             drift_reference: reference.cloned(),
         });
         let results = payments.iter().map(|_| Ok([0.9, 0.1])).collect();
-        ScoredBatch { model, payments: payments.to_vec(), results, reasons: vec![Vec::new(); payments.len()] }
+        ScoredBatch {
+            model,
+            payments: payments.to_vec(),
+            results,
+            reasons: vec![Vec::new(); payments.len()],
+            shadow: None,
+        }
     }
 
     /// The gauges as `/metrics` renders them.
