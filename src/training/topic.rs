@@ -1,0 +1,379 @@
+//! Labelled payments from a Kafka topic: `--data kafka://payments-labelled`,
+//! where `fraudstream monitor` writes scored payments joined with their late
+//! labels (ScoredPayment records with `payment.fraud` set, keyed by customer,
+//! in the scorer's wire format).
+//!
+//! Why a bounded read, not a consumer group: the trainer is a batch job. Each
+//! run reads every partition from the first offset whose timestamp is within
+//! `--since` (`offsets_for_times`) up to the high watermark taken at the
+//! start, so it ends however fast the topic grows, and commits nothing.
+//!
+//! Rules, in order: records older than the window (by their Kafka timestamp,
+//! CreateTime or LogAppendTime) are left out; a payment seen more than once
+//! keeps its last record (the highest offset in its partition; across
+//! partitions, the later timestamp), so a corrected label replaces the old
+//! one; payments whose last record carries no label are skipped and counted.
+//! A record that does not decode fails the run, naming topic, partition and
+//! offset: a batch job has no dead-letter topic to hide it in, and training
+//! on what happens to decode would silently train on less than asked.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use super::{Result, TrainingError};
+use crate::codec::{Codec, SCORED_PAYMENT_SCHEMA_JSON};
+use crate::kafka::KafkaArgs;
+use crate::registry::{RegistryConfig, SchemaRegistry, WriterSchemas};
+use crate::{Payment, ScoredPayment};
+
+/// The URL scheme of a topic data source: `kafka://<topic>`.
+pub const SCHEME: &str = "kafka://";
+/// Broker calls (metadata, watermarks, offsets) give up after this long.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A read that gets nothing for this long while partitions are unfinished
+/// fails (an unreachable broker, or a transaction left open).
+const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A topic of labelled scored payments and how to read it.
+#[derive(Debug, Clone)]
+pub struct LabelledTopic {
+    pub kafka: KafkaArgs,
+    pub topic: String,
+    /// Only records whose Kafka timestamp is at most this old.
+    pub since: Duration,
+    /// The topic's wire format (the monitor's output format).
+    pub codec: Codec,
+    /// With a schema registry: each record read by its writer schema.
+    pub registry: Option<RegistryConfig>,
+}
+
+impl LabelledTopic {
+    /// The topic of `kafka://<topic>`: `None` if `location` is not such a URL,
+    /// an error if it names no topic.
+    pub fn topic_of(location: &str) -> Option<Result<String>> {
+        let topic = location.strip_prefix(SCHEME)?;
+        Some(if topic.is_empty() || topic.contains('/') {
+            Err(TrainingError::Data {
+                location: location.into(),
+                message: "expected kafka://<topic>, e.g. kafka://payments-labelled".into(),
+            })
+        } else {
+            Ok(topic.to_string())
+        })
+    }
+}
+
+impl std::fmt::Display for LabelledTopic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{SCHEME}{} (since {})", self.topic, humantime::format_duration(self.since))
+    }
+}
+
+/// What a read found besides the payments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicReadStats {
+    /// Records read within the window.
+    pub records: u64,
+    /// Records past the start offset but older than the window.
+    pub older: u64,
+    /// Records replaced by a later record of the same payment.
+    pub replaced: u64,
+    /// Payments whose last record has no label.
+    pub unlabelled: u64,
+}
+
+/// One record as read, before decoding.
+struct Raw {
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+    payload: Vec<u8>,
+}
+
+/// Every labelled payment of the window, sorted by event time then id.
+pub(super) async fn load(
+    source: &LabelledTopic,
+    on_record: Arc<dyn Fn() + Send + Sync>,
+) -> Result<(Vec<Payment>, TopicReadStats)> {
+    let cutoff = crate::payment::now_ms() - i64::try_from(source.since.as_millis()).unwrap_or(i64::MAX);
+    let reader = source.clone();
+    let raws = tokio::task::spawn_blocking(move || read_window(&reader, cutoff, &*on_record))
+        .await
+        .map_err(|e| data_err(source, format!("the reading task failed: {e}")))??;
+    let mut stats = TopicReadStats::default();
+    let (raws, older): (Vec<Raw>, Vec<Raw>) = raws.into_iter().partition(|r| r.timestamp.is_none_or(|t| t >= cutoff));
+    stats.older = older.len() as u64;
+    stats.records = raws.len() as u64;
+
+    let schemas = match &source.registry {
+        Some(config) if source.codec.format() == crate::WireFormat::Confluent => {
+            let registry = SchemaRegistry::new(config.clone()).map_err(|e| data_err(source, e.to_string()))?;
+            let schemas = WriterSchemas::new(registry, SCORED_PAYMENT_SCHEMA_JSON);
+            // The registry is retried while unreachable, but a batch job gives up in the end.
+            let stop = CancellationToken::new();
+            let give_up = stop.clone();
+            let timer = tokio::spawn(async move {
+                tokio::time::sleep(BROKER_TIMEOUT).await;
+                give_up.cancel();
+            });
+            let learned = schemas.learn(raws.iter().map(|r| r.payload.as_slice()), &stop, |_| {}).await;
+            timer.abort();
+            if !learned {
+                return Err(data_err(
+                    source,
+                    format!("schema registry {} did not answer within {BROKER_TIMEOUT:?}", config.url),
+                ));
+            }
+            Some(Arc::new(schemas))
+        }
+        _ => None,
+    };
+    let codec = source.codec;
+    let decoded = tokio::task::spawn_blocking(move || decode_all(raws, codec, schemas.as_deref()))
+        .await
+        .map_err(|e| data_err(source, format!("the decoding task failed: {e}")))?;
+    let records = decoded.map_err(|(raw, reason)| TrainingError::Record {
+        topic: source.topic.clone(),
+        partition: raw.0,
+        offset: raw.1,
+        reason,
+        format: crate::choice::Choice::name(source.codec.format()).to_string(),
+    })?;
+
+    // The last record of each payment wins.
+    let mut last: HashMap<String, (i32, i64, Option<i64>, ScoredPayment)> = HashMap::with_capacity(records.len());
+    for (partition, offset, timestamp, scored) in records {
+        let later = |(p, o, t, _): &(i32, i64, Option<i64>, ScoredPayment)| {
+            if *p == partition {
+                offset > *o
+            } else {
+                (timestamp, partition) > (*t, *p)
+            }
+        };
+        match last.get_mut(&scored.payment.payment_id) {
+            Some(kept) => {
+                stats.replaced += 1;
+                if later(kept) {
+                    *kept = (partition, offset, timestamp, scored);
+                }
+            }
+            None => {
+                last.insert(scored.payment.payment_id.clone(), (partition, offset, timestamp, scored));
+            }
+        }
+    }
+    let mut payments: Vec<Payment> = Vec::with_capacity(last.len());
+    for (_, (_, _, _, scored)) in last {
+        if scored.payment.fraud.is_none() {
+            stats.unlabelled += 1;
+        } else {
+            payments.push(scored.payment);
+        }
+    }
+    if stats.unlabelled > 0 {
+        tracing::warn!(
+            topic = %source.topic,
+            unlabelled = stats.unlabelled,
+            "skipped payments whose last record carries no label (payment.fraud is null)"
+        );
+    }
+    // A fixed order, so the same records always hash and split the same.
+    payments.sort_unstable_by(|a, b| (a.event_time, &a.payment_id).cmp(&(b.event_time, &b.payment_id)));
+    tracing::info!(
+        topic = %source.topic,
+        records = stats.records,
+        older = stats.older,
+        replaced = stats.replaced,
+        unlabelled = stats.unlabelled,
+        payments = payments.len(),
+        "read labelled payments from Kafka"
+    );
+    Ok((payments, stats))
+}
+
+fn data_err(source: &LabelledTopic, message: impl Into<String>) -> TrainingError {
+    TrainingError::Data { location: format!("{SCHEME}{}", source.topic), message: message.into() }
+}
+
+/// Decodes every record on all cores; the first failure names its record.
+#[allow(clippy::type_complexity)]
+fn decode_all(
+    raws: Vec<Raw>,
+    codec: Codec,
+    schemas: Option<&WriterSchemas>,
+) -> std::result::Result<Vec<(i32, i64, Option<i64>, ScoredPayment)>, ((i32, i64), String)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = raws.len().div_ceil(threads).max(1);
+    let fast = |bytes: &[u8]| codec.decode_scored(bytes).map_err(|e| e.to_string());
+    std::thread::scope(|scope| {
+        let tasks: Vec<_> = raws
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|r| match crate::registry::read_with(schemas, &r.payload, fast) {
+                            Ok(scored) => Ok((r.partition, r.offset, r.timestamp, scored)),
+                            Err(reason) => Err(((r.partition, r.offset), reason)),
+                        })
+                        .collect::<std::result::Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(raws.len());
+        for task in tasks {
+            out.extend(task.join().expect("decoding never panics")?);
+        }
+        Ok(out)
+    })
+}
+
+/// Reads every record from the window's start offsets to the high
+/// watermarks taken first (blocking: librdkafka's own threads fetch).
+fn read_window(source: &LabelledTopic, cutoff_ms: i64, on_record: &dyn Fn()) -> Result<Vec<Raw>> {
+    let kafka_err = |what: &str, e: KafkaError| {
+        data_err(source, format!("{what} on {}: {e} (is the broker reachable? check --brokers)", source.kafka.brokers))
+    };
+    let group = format!("fraudstream-trainer-{}", uuid::Uuid::new_v4().simple());
+    let consumer: BaseConsumer = source
+        .kafka
+        .client_config(&[
+            ("group.id", &group),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("isolation.level", "read_committed"),
+            ("enable.partition.eof", "true"),
+            // Large fetches: a bulk read, not a low-latency stream.
+            ("fetch.max.bytes", "104857600"),
+            ("max.partition.fetch.bytes", "16777216"),
+            ("queued.max.messages.kbytes", "524288"),
+        ])
+        .create()
+        .map_err(|e| kafka_err("creating a consumer", e))?;
+
+    let metadata =
+        consumer.fetch_metadata(Some(&source.topic), BROKER_TIMEOUT).map_err(|e| kafka_err("reading metadata", e))?;
+    let topic = metadata.topics().iter().find(|t| t.name() == source.topic);
+    let partitions: Vec<i32> = match topic {
+        Some(t) if t.error().is_none() => t.partitions().iter().map(|p| p.id()).collect(),
+        Some(t) if t.error().map(RDKafkaErrorCode::from) == Some(RDKafkaErrorCode::UnknownTopicOrPartition) => {
+            Vec::new()
+        }
+        Some(t) => {
+            let code = t.error().map(RDKafkaErrorCode::from);
+            return Err(data_err(source, format!("the broker reports {code:?} for the topic")));
+        }
+        None => Vec::new(),
+    };
+    if partitions.is_empty() {
+        return Err(TrainingError::NoPayments {
+            location: format!("{SCHEME}{}", source.topic),
+            detail: format!("the topic does not exist on {}", source.kafka.brokers),
+        });
+    }
+
+    // The end of the read: each partition's high watermark now.
+    let mut high = HashMap::new();
+    for &p in &partitions {
+        let (_, h) = consumer
+            .fetch_watermarks(&source.topic, p, BROKER_TIMEOUT)
+            .map_err(|e| kafka_err(&format!("reading the watermarks of partition {p}"), e))?;
+        high.insert(p, h);
+    }
+    // The start: the first offset at or after the cutoff (End: none is).
+    let mut wanted = TopicPartitionList::new();
+    for &p in &partitions {
+        wanted
+            .add_partition_offset(&source.topic, p, Offset::Offset(cutoff_ms))
+            .map_err(|e| kafka_err("building the offset query", e))?;
+    }
+    let starts = consumer.offsets_for_times(wanted, BROKER_TIMEOUT).map_err(|e| kafka_err("offsets_for_times", e))?;
+    let mut assignment = TopicPartitionList::new();
+    let mut open: HashMap<i32, i64> = HashMap::new();
+    for element in starts.elements() {
+        let p = element.partition();
+        let end = high[&p];
+        if let Offset::Offset(start) = element.offset() {
+            if start < end {
+                assignment
+                    .add_partition_offset(&source.topic, p, Offset::Offset(start))
+                    .map_err(|e| kafka_err("building the assignment", e))?;
+                open.insert(p, end);
+            }
+        }
+    }
+    let mut raws = Vec::new();
+    if open.is_empty() {
+        return Ok(raws);
+    }
+    consumer.assign(&assignment).map_err(|e| kafka_err("assigning the partitions", e))?;
+    let mut last_progress = Instant::now();
+    while !open.is_empty() {
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {
+                if last_progress.elapsed() > STALL_TIMEOUT {
+                    let mut unfinished: Vec<i32> = open.keys().copied().collect();
+                    unfinished.sort_unstable();
+                    return Err(data_err(
+                        source,
+                        format!(
+                            "no record for {STALL_TIMEOUT:?} while partitions {unfinished:?} are not read to their high watermarks (a transaction left open, or the broker went away)"
+                        ),
+                    ));
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                // The end of the log (for read_committed, of what is committed):
+                // done once the position passed the watermark taken at the start.
+                if let Some(end) = open.get(&p).copied() {
+                    let position = consumer
+                        .position()
+                        .ok()
+                        .and_then(|tpl| tpl.find_partition(&source.topic, p).map(|e| e.offset()));
+                    if matches!(position, Some(Offset::Offset(o)) if o >= end) {
+                        open.remove(&p);
+                    }
+                }
+            }
+            Some(Err(e)) => return Err(kafka_err("reading", e)),
+            Some(Ok(message)) => {
+                last_progress = Instant::now();
+                let p = message.partition();
+                let Some(end) = open.get(&p).copied() else { continue };
+                if message.offset() >= end {
+                    open.remove(&p);
+                    continue;
+                }
+                if message.offset() + 1 >= end {
+                    open.remove(&p);
+                }
+                raws.push(Raw {
+                    partition: p,
+                    offset: message.offset(),
+                    timestamp: message.timestamp().to_millis(),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                });
+                on_record();
+            }
+        }
+    }
+    Ok(raws)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_urls_name_a_topic() {
+        assert_eq!(LabelledTopic::topic_of("kafka://payments-labelled").unwrap().unwrap(), "payments-labelled");
+        assert!(LabelledTopic::topic_of("s3://b/k").is_none());
+        assert!(LabelledTopic::topic_of("kafka://").unwrap().is_err());
+        assert!(LabelledTopic::topic_of("kafka://host:9092/topic").unwrap().is_err());
+    }
+}
