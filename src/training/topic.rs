@@ -30,7 +30,7 @@ use super::{Result, TrainingError};
 use crate::codec::{Codec, SCORED_PAYMENT_SCHEMA_JSON};
 use crate::kafka::KafkaArgs;
 use crate::registry::{RegistryConfig, SchemaRegistry, WriterSchemas};
-use crate::{Payment, ScoredPayment};
+use crate::Payment;
 
 /// The URL scheme of a topic data source: `kafka://<topic>`.
 pub const SCHEME: &str = "kafka://";
@@ -103,12 +103,15 @@ pub(super) async fn load(
 ) -> Result<(Vec<Payment>, TopicReadStats)> {
     let cutoff = crate::payment::now_ms() - i64::try_from(source.since.as_millis()).unwrap_or(i64::MAX);
     let reader = source.clone();
+    let started = Instant::now();
     let raws = tokio::task::spawn_blocking(move || read_window(&reader, cutoff, &*on_record))
         .await
         .map_err(|e| data_err(source, format!("the reading task failed: {e}")))??;
     let mut stats = TopicReadStats::default();
-    let (raws, older): (Vec<Raw>, Vec<Raw>) = raws.into_iter().partition(|r| r.timestamp.is_none_or(|t| t >= cutoff));
-    stats.older = older.len() as u64;
+    let mut raws = raws;
+    let read = raws.len();
+    raws.retain(|r| r.timestamp.is_none_or(|t| t >= cutoff));
+    stats.older = (read - raws.len()) as u64;
     stats.records = raws.len() as u64;
 
     let schemas = match &source.registry {
@@ -134,46 +137,48 @@ pub(super) async fn load(
         }
         _ => None,
     };
+    let read_seconds = started.elapsed().as_secs_f64();
     let codec = source.codec;
     let decoded = tokio::task::spawn_blocking(move || decode_all(raws, codec, schemas.as_deref()))
         .await
         .map_err(|e| data_err(source, format!("the decoding task failed: {e}")))?;
-    let records = decoded.map_err(|(raw, reason)| TrainingError::Record {
+    let records = decoded.map_err(|((partition, offset), reason)| TrainingError::Record {
         topic: source.topic.clone(),
-        partition: raw.0,
-        offset: raw.1,
+        partition,
+        offset,
         reason,
         format: crate::choice::Choice::name(source.codec.format()).to_string(),
     })?;
+    let decode_seconds = started.elapsed().as_secs_f64() - read_seconds;
 
-    // The last record of each payment wins.
-    let mut last: HashMap<String, (i32, i64, Option<i64>, ScoredPayment)> = HashMap::with_capacity(records.len());
-    for (partition, offset, timestamp, scored) in records {
-        let later = |(p, o, t, _): &(i32, i64, Option<i64>, ScoredPayment)| {
-            if *p == partition {
-                offset > *o
-            } else {
-                (timestamp, partition) > (*t, *p)
+    // The last record of each payment wins: the index of each payment's winner.
+    let mut winner: HashMap<&str, usize> = HashMap::with_capacity(records.len());
+    for (i, record) in records.iter().enumerate() {
+        match winner.entry(record.payment.payment_id.as_str()) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(i);
             }
-        };
-        match last.get_mut(&scored.payment.payment_id) {
-            Some(kept) => {
+            std::collections::hash_map::Entry::Occupied(mut slot) => {
                 stats.replaced += 1;
-                if later(kept) {
-                    *kept = (partition, offset, timestamp, scored);
+                if record.is_later_than(&records[*slot.get()]) {
+                    slot.insert(i);
                 }
-            }
-            None => {
-                last.insert(scored.payment.payment_id.clone(), (partition, offset, timestamp, scored));
             }
         }
     }
-    let mut payments: Vec<Payment> = Vec::with_capacity(last.len());
-    for (_, (_, _, _, scored)) in last {
-        if scored.payment.fraud.is_none() {
+    let mut keep = vec![false; records.len()];
+    for i in winner.into_values() {
+        keep[i] = true;
+    }
+    let mut payments: Vec<Payment> = Vec::with_capacity(records.len());
+    for (record, kept) in records.into_iter().zip(keep) {
+        if !kept {
+            continue;
+        }
+        if record.payment.fraud.is_none() {
             stats.unlabelled += 1;
         } else {
-            payments.push(scored.payment);
+            payments.push(record.payment);
         }
     }
     if stats.unlabelled > 0 {
@@ -192,6 +197,9 @@ pub(super) async fn load(
         replaced = stats.replaced,
         unlabelled = stats.unlabelled,
         payments = payments.len(),
+        read_seconds,
+        decode_seconds,
+        seconds = started.elapsed().as_secs_f64(),
         "read labelled payments from Kafka"
     );
     Ok((payments, stats))
@@ -201,33 +209,70 @@ fn data_err(source: &LabelledTopic, message: impl Into<String>) -> TrainingError
     TrainingError::Data { location: format!("{SCHEME}{}", source.topic), message: message.into() }
 }
 
-/// Decodes every record on all cores; the first failure names its record.
-#[allow(clippy::type_complexity)]
+/// A decoded record: the payment, and where it was on the topic.
+struct Decoded {
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+    payment: Payment,
+}
+
+impl Decoded {
+    /// Whether this record of a payment supersedes `other`: by offset in the
+    /// same partition, else by timestamp (then partition, for a fixed order).
+    fn is_later_than(&self, other: &Decoded) -> bool {
+        if self.partition == other.partition {
+            self.offset > other.offset
+        } else {
+            (self.timestamp, self.partition) > (other.timestamp, other.partition)
+        }
+    }
+}
+
+/// Decodes every record, in order, on all cores; the first failure names its record.
 fn decode_all(
-    raws: Vec<Raw>,
+    mut raws: Vec<Raw>,
     codec: Codec,
     schemas: Option<&WriterSchemas>,
-) -> std::result::Result<Vec<(i32, i64, Option<i64>, ScoredPayment)>, ((i32, i64), String)> {
+) -> std::result::Result<Vec<Decoded>, ((i32, i64), String)> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = raws.len().div_ceil(threads).max(1);
+    // Owned chunks, so each worker also frees its payloads.
+    let mut chunks = Vec::new();
+    while raws.len() > chunk {
+        let tail = raws.split_off(raws.len() - chunk);
+        chunks.push(tail);
+    }
+    chunks.push(raws);
+    chunks.reverse();
     let fast = |bytes: &[u8]| codec.decode_scored(bytes).map_err(|e| e.to_string());
     std::thread::scope(|scope| {
-        let tasks: Vec<_> = raws
-            .chunks(chunk)
+        let tasks: Vec<_> = chunks
+            .into_iter()
             .map(|part| {
                 scope.spawn(move || {
-                    part.iter()
+                    part.into_iter()
                         .map(|r| match crate::registry::read_with(schemas, &r.payload, fast) {
-                            Ok(scored) => Ok((r.partition, r.offset, r.timestamp, scored)),
+                            Ok(scored) => Ok(Decoded {
+                                partition: r.partition,
+                                offset: r.offset,
+                                timestamp: r.timestamp,
+                                payment: scored.payment,
+                            }),
                             Err(reason) => Err(((r.partition, r.offset), reason)),
                         })
                         .collect::<std::result::Result<Vec<_>, _>>()
                 })
             })
             .collect();
-        let mut out = Vec::with_capacity(raws.len());
+        let mut out = Vec::new();
         for task in tasks {
-            out.extend(task.join().expect("decoding never panics")?);
+            let part = task.join().expect("decoding never panics")?;
+            if out.is_empty() {
+                out = part;
+            } else {
+                out.extend(part);
+            }
         }
         Ok(out)
     })

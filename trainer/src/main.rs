@@ -18,6 +18,11 @@ use fraudstream::training::{run_once, OnLose, RunOutcome, TrainerOptions};
 #[path = "../../src/cli.rs"]
 mod cli;
 
+/// mimalloc instead of glibc malloc, as in `fraudstream`: reading a topic
+/// allocates a dozen strings per payment.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Train a fraud model on labelled payments, evaluate it on a time-based
 /// holdout against a logistic baseline and the current champion, and publish
 /// it to the model store as a new immutable version if it is at least as good.
@@ -36,7 +41,10 @@ struct Cli {
     #[arg(long, env = "FRAUDSTREAM_SINCE", value_parser = humantime::parse_duration, default_value = "30d")]
     since: Duration,
     /// With --data kafka://<topic>: when the topic holds no labelled payments and the model store
-    /// no version yet (a new deployment's first run), train on N simulated payments instead.
+    /// no version yet (a new deployment's first run), train on these files instead (as --data takes them).
+    #[arg(long, value_name = "LOCATION", env = "FRAUDSTREAM_FALLBACK_DATA", conflicts_with = "fallback_simulate")]
+    fallback_data: Option<String>,
+    /// Like --fallback-data, on N simulated payments.
     #[arg(long, value_name = "N", env = "FRAUDSTREAM_FALLBACK_SIMULATE")]
     fallback_simulate: Option<u64>,
     /// With --data kafka://<topic>: the topic's wire format (the monitor's output format).
@@ -148,11 +156,17 @@ async fn main() -> Result<()> {
     if cli.since.is_zero() {
         bail!("--since must be longer than 0 s");
     }
-    let fallback = match (&data, cli.fallback_simulate) {
-        (DataSource::Kafka(_), Some(rows)) => Some(DataSource::Simulator { rows, seed: cli.seed }),
-        (_, Some(_)) => bail!("--fallback-simulate applies only to --data kafka://<topic>"),
-        (_, None) => None,
+    let fallback = match (cli.fallback_data, cli.fallback_simulate) {
+        (Some(location), _) if LabelledTopic::topic_of(&location).is_some() => {
+            bail!("--fallback-data takes files (a path or s3:// URL), not a topic: {location}")
+        }
+        (Some(location), _) => Some(DataSource::Files(location)),
+        (None, Some(rows)) => Some(DataSource::Simulator { rows, seed: cli.seed }),
+        (None, None) => None,
     };
+    if fallback.is_some() && !matches!(data, DataSource::Kafka(_)) {
+        bail!("--fallback-data and --fallback-simulate apply only to --data kafka://<topic>");
+    }
     let options = TrainerOptions {
         data,
         fallback,
