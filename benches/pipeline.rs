@@ -455,7 +455,8 @@ async fn trainer_data(kafka: &KafkaArgs, dir: &std::path::Path) -> String {
         let records: Vec<(String, Vec<u8>)> = chunk
             .iter()
             .map(|p| {
-                let scored = fraudstream::ScoredPayment { payment: p.clone(), scored_at: p.event_time, ..template.clone() };
+                let scored =
+                    fraudstream::ScoredPayment { payment: p.clone(), scored_at: p.event_time, ..template.clone() };
                 (p.customer.clone(), CODEC.encode_scored(&scored).unwrap())
             })
             .collect();
