@@ -102,54 +102,22 @@ pub(super) async fn load(
     on_record: Arc<dyn Fn() + Send + Sync>,
 ) -> Result<(Vec<Payment>, TopicReadStats)> {
     let cutoff = crate::payment::now_ms() - i64::try_from(source.since.as_millis()).unwrap_or(i64::MAX);
-    let reader = source.clone();
-    let started = Instant::now();
-    let raws = tokio::task::spawn_blocking(move || read_window(&reader, cutoff, &*on_record))
-        .await
-        .map_err(|e| data_err(source, format!("the reading task failed: {e}")))??;
-    let mut stats = TopicReadStats::default();
-    let mut raws = raws;
-    let read = raws.len();
-    raws.retain(|r| r.timestamp.is_none_or(|t| t >= cutoff));
-    stats.older = (read - raws.len()) as u64;
-    stats.records = raws.len() as u64;
-
     let schemas = match &source.registry {
         Some(config) if source.codec.format() == crate::WireFormat::Confluent => {
             let registry = SchemaRegistry::new(config.clone()).map_err(|e| data_err(source, e.to_string()))?;
-            let schemas = WriterSchemas::new(registry, SCORED_PAYMENT_SCHEMA_JSON);
-            // The registry is retried while unreachable, but a batch job gives up in the end.
-            let stop = CancellationToken::new();
-            let give_up = stop.clone();
-            let timer = tokio::spawn(async move {
-                tokio::time::sleep(BROKER_TIMEOUT).await;
-                give_up.cancel();
-            });
-            let learned = schemas.learn(raws.iter().map(|r| r.payload.as_slice()), &stop, |_| {}).await;
-            timer.abort();
-            if !learned {
-                return Err(data_err(
-                    source,
-                    format!("schema registry {} did not answer within {BROKER_TIMEOUT:?}", config.url),
-                ));
-            }
-            Some(Arc::new(schemas))
+            Some(Arc::new(WriterSchemas::new(registry, SCORED_PAYMENT_SCHEMA_JSON)))
         }
         _ => None,
     };
-    let read_seconds = started.elapsed().as_secs_f64();
-    let codec = source.codec;
-    let decoded = tokio::task::spawn_blocking(move || decode_all(raws, codec, schemas.as_deref()))
-        .await
-        .map_err(|e| data_err(source, format!("the decoding task failed: {e}")))?;
-    let records = decoded.map_err(|((partition, offset), reason)| TrainingError::Record {
-        topic: source.topic.clone(),
-        partition,
-        offset,
-        reason,
-        format: crate::choice::Choice::name(source.codec.format()).to_string(),
-    })?;
-    let decode_seconds = started.elapsed().as_secs_f64() - read_seconds;
+    let reader = source.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let started = Instant::now();
+    let (records, older) = tokio::task::spawn_blocking(move || {
+        read_and_decode(&reader, cutoff, schemas.as_deref(), &runtime, &*on_record)
+    })
+    .await
+    .map_err(|e| data_err(source, format!("the reading task failed: {e}")))??;
+    let mut stats = TopicReadStats { records: records.len() as u64, older, ..TopicReadStats::default() };
 
     // The last record of each payment wins: the index of each payment's winner.
     let mut winner: HashMap<&str, usize> = HashMap::with_capacity(records.len());
@@ -197,8 +165,6 @@ pub(super) async fn load(
         replaced = stats.replaced,
         unlabelled = stats.unlabelled,
         payments = payments.len(),
-        read_seconds,
-        decode_seconds,
         seconds = started.elapsed().as_secs_f64(),
         "read labelled payments from Kafka"
     );
@@ -229,58 +195,119 @@ impl Decoded {
     }
 }
 
-/// Decodes every record, in order, on all cores; the first failure names its record.
-fn decode_all(
-    mut raws: Vec<Raw>,
+/// Records handed to a decoding thread at once.
+const BATCH: usize = 8_192;
+
+/// Decodes one batch; a failure names its record.
+fn decode_batch(
+    batch: Vec<Raw>,
     codec: Codec,
     schemas: Option<&WriterSchemas>,
-) -> std::result::Result<Vec<Decoded>, ((i32, i64), String)> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = raws.len().div_ceil(threads).max(1);
-    // Owned chunks, so each worker also frees its payloads.
-    let mut chunks = Vec::new();
-    while raws.len() > chunk {
-        let tail = raws.split_off(raws.len() - chunk);
-        chunks.push(tail);
-    }
-    chunks.push(raws);
-    chunks.reverse();
+) -> std::result::Result<Vec<Decoded>, (i32, i64, String)> {
     let fast = |bytes: &[u8]| codec.decode_scored(bytes).map_err(|e| e.to_string());
+    batch
+        .into_iter()
+        .map(|r| match crate::registry::read_with(schemas, &r.payload, fast) {
+            Ok(scored) => Ok(Decoded {
+                partition: r.partition,
+                offset: r.offset,
+                timestamp: r.timestamp,
+                payment: scored.payment,
+            }),
+            Err(reason) => Err((r.partition, r.offset, reason)),
+        })
+        .collect()
+}
+
+/// Reads the window and decodes it at once: this thread polls, one thread
+/// per core decodes batches as they fill. Returns the records in the order
+/// read, and how many were older than the window.
+fn read_and_decode(
+    source: &LabelledTopic,
+    cutoff_ms: i64,
+    schemas: Option<&WriterSchemas>,
+    runtime: &tokio::runtime::Handle,
+    on_record: &dyn Fn(),
+) -> Result<(Vec<Decoded>, u64)> {
+    let codec = source.codec;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (send, receive) = std::sync::mpsc::sync_channel::<(usize, Vec<Raw>)>(threads * 2);
+    let receive = std::sync::Mutex::new(receive);
+    let failed = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let tasks: Vec<_> = chunks
-            .into_iter()
-            .map(|part| {
-                scope.spawn(move || {
-                    part.into_iter()
-                        .map(|r| match crate::registry::read_with(schemas, &r.payload, fast) {
-                            Ok(scored) => Ok(Decoded {
-                                partition: r.partition,
-                                offset: r.offset,
-                                timestamp: r.timestamp,
-                                payment: scored.payment,
-                            }),
-                            Err(reason) => Err(((r.partition, r.offset), reason)),
-                        })
-                        .collect::<std::result::Result<Vec<_>, _>>()
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    let mut error = None;
+                    // Every batch is taken, even after a failure, so the poller never waits on a full queue.
+                    while let Ok((seq, batch)) = receive.lock().expect("batch queue").recv() {
+                        if error.is_some() {
+                            continue;
+                        }
+                        match decode_batch(batch, codec, schemas) {
+                            Ok(decoded) => done.push((seq, decoded)),
+                            Err(e) => {
+                                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                                error = Some((seq, e));
+                            }
+                        }
+                    }
+                    (done, error)
                 })
             })
             .collect();
-        let mut out = Vec::new();
-        for task in tasks {
-            let part = task.join().expect("decoding never panics")?;
-            if out.is_empty() {
-                out = part;
-            } else {
-                out.extend(part);
+        let mut seq = 0;
+        let read = read_window(source, cutoff_ms, schemas, runtime, on_record, &failed, |batch| {
+            // A send fails only when every worker is gone, which a panic would show below.
+            let _ = send.send((seq, batch));
+            seq += 1;
+        });
+        drop(send);
+        let mut batches = Vec::with_capacity(seq);
+        let mut first_error: Option<(usize, (i32, i64, String))> = None;
+        for worker in workers {
+            let (done, error) = worker.join().expect("decoding never panics");
+            batches.extend(done);
+            if let Some((at, e)) = error {
+                if first_error.as_ref().is_none_or(|(first, _)| at < *first) {
+                    first_error = Some((at, e));
+                }
             }
         }
-        Ok(out)
+        if let Some((_, (partition, offset, reason))) = first_error {
+            return Err(TrainingError::Record {
+                topic: source.topic.clone(),
+                partition,
+                offset,
+                reason,
+                format: crate::choice::Choice::name(codec.format()).to_string(),
+            });
+        }
+        let older = read?;
+        batches.sort_unstable_by_key(|(seq, _)| *seq);
+        let mut records = Vec::with_capacity(batches.iter().map(|(_, b)| b.len()).sum());
+        for (_, batch) in batches {
+            records.extend(batch);
+        }
+        Ok((records, older))
     })
 }
 
 /// Reads every record from the window's start offsets to the high
-/// watermarks taken first (blocking: librdkafka's own threads fetch).
-fn read_window(source: &LabelledTopic, cutoff_ms: i64, on_record: &dyn Fn()) -> Result<Vec<Raw>> {
+/// watermarks taken first (blocking: librdkafka's own threads fetch), and
+/// hands them to `emit` in batches, leaving out those older than the window
+/// (returns how many). With a registry, each new writer schema id is
+/// learned before its record is handed on. Stops early once `failed`.
+fn read_window(
+    source: &LabelledTopic,
+    cutoff_ms: i64,
+    schemas: Option<&WriterSchemas>,
+    runtime: &tokio::runtime::Handle,
+    on_record: &dyn Fn(),
+    failed: &std::sync::atomic::AtomicBool,
+    mut emit: impl FnMut(Vec<Raw>),
+) -> Result<u64> {
     let kafka_err = |what: &str, e: KafkaError| {
         data_err(source, format!("{what} on {}: {e} (is the broker reachable? check --brokers)", source.kafka.brokers))
     };
@@ -352,13 +379,15 @@ fn read_window(source: &LabelledTopic, cutoff_ms: i64, on_record: &dyn Fn()) -> 
             }
         }
     }
-    let mut raws = Vec::new();
+    let mut older = 0;
     if open.is_empty() {
-        return Ok(raws);
+        return Ok(older);
     }
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut learned = std::collections::HashSet::new();
     consumer.assign(&assignment).map_err(|e| kafka_err("assigning the partitions", e))?;
     let mut last_progress = Instant::now();
-    while !open.is_empty() {
+    while !open.is_empty() && !failed.load(std::sync::atomic::Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(500)) {
             None => {
                 if last_progress.elapsed() > STALL_TIMEOUT {
@@ -397,17 +426,48 @@ fn read_window(source: &LabelledTopic, cutoff_ms: i64, on_record: &dyn Fn()) -> 
                 if message.offset() + 1 >= end {
                     open.remove(&p);
                 }
-                raws.push(Raw {
-                    partition: p,
-                    offset: message.offset(),
-                    timestamp: message.timestamp().to_millis(),
-                    payload: message.payload().unwrap_or_default().to_vec(),
-                });
                 on_record();
+                let timestamp = message.timestamp().to_millis();
+                if timestamp.is_some_and(|t| t < cutoff_ms) {
+                    older += 1;
+                    continue;
+                }
+                let payload = message.payload().unwrap_or_default();
+                if let Some(schemas) = schemas {
+                    learn(source, schemas, runtime, payload, &mut learned)?;
+                }
+                batch.push(Raw { partition: p, offset: message.offset(), timestamp, payload: payload.to_vec() });
+                if batch.len() == BATCH {
+                    emit(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)));
+                }
             }
         }
     }
-    Ok(raws)
+    if !batch.is_empty() {
+        emit(batch);
+    }
+    Ok(older)
+}
+
+/// Fetches the writer schema of `payload` from the registry the first time its id shows up.
+fn learn(
+    source: &LabelledTopic,
+    schemas: &WriterSchemas,
+    runtime: &tokio::runtime::Handle,
+    payload: &[u8],
+    learned: &mut std::collections::HashSet<u32>,
+) -> Result<()> {
+    let Some(id) = WriterSchemas::schema_id(payload) else { return Ok(()) };
+    if !learned.insert(id) {
+        return Ok(());
+    }
+    // Retried while the registry is unreachable, but a batch job gives up in the end.
+    let never = CancellationToken::new();
+    let learning = tokio::time::timeout(BROKER_TIMEOUT, schemas.learn([payload], &never, |_| {}));
+    runtime.block_on(learning).map(|_| ()).map_err(|_| {
+        let url = source.registry.as_ref().map_or("", |r| r.url.as_str());
+        data_err(source, format!("schema registry {url} did not answer within {BROKER_TIMEOUT:?} (schema id {id})"))
+    })
 }
 
 #[cfg(test)]
