@@ -14,6 +14,9 @@
 //!    trainer time on 594,643 rows, and peak RSS;
 //! 5. the monitor joining one scorer round's output with a label per payment,
 //!    against the scorer's best rate.
+//! 6. the trainer on 594,643 labelled payments read from a Kafka topic of
+//!    labelled scored payments vs the same rows from a CSV file
+//!    (BENCH_PHASE=trainer-data, on a fresh broker).
 //!
 //! Ratios, not absolute numbers, are the result: the machine is shared.
 //! Tuning aids: BENCH_X="k=v;k=v" (extra librdkafka properties),
@@ -495,6 +498,99 @@ async fn train(store: &str) -> fraudstream::training::RunOutcome {
     .unwrap()
 }
 
+/// The trainer from a Kafka topic vs from CSV, on the same BENCH_TRAINER_ROWS
+/// (594,643) simulated labelled payments: each run (load, split, MLP +
+/// baseline, export, publish to a fresh store) and its load alone, best of 2
+/// alternating rounds. The runs train exactly BENCH_TRAINER_EPOCHS (10)
+/// epochs, no early stopping, so both do the same work but the reading.
+/// Returns the headline cell.
+async fn trainer_data(kafka: &KafkaArgs, dir: &std::path::Path) -> String {
+    use std::io::Write;
+
+    use fraudstream::training::data::load;
+    use fraudstream::training::topic::LabelledTopic;
+    use rdkafka::producer::FutureRecord;
+
+    let rows = env_u64("BENCH_TRAINER_ROWS", 594_643);
+    let epochs = env_u64("BENCH_TRAINER_EPOCHS", 10) as usize;
+    let payments: Vec<fraudstream::Payment> = Simulator::new(rows, 42).collect();
+    let csv = dir.join("labelled.csv");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&csv).unwrap());
+    writeln!(out, "{}", fraudstream::payment::BANKSIM_HEADER).unwrap();
+    for p in &payments {
+        p.write_banksim_row(&mut out).unwrap();
+    }
+    out.into_inner().unwrap().sync_all().unwrap();
+
+    // The monitor's records: the scored payment with its label, keyed by customer.
+    let topic = unique("bench-labelled");
+    ensure_topics(kafka, &[&topic], 4).await.unwrap();
+    let template: fraudstream::ScoredPayment = serde_json::from_value(serde_json::json!({
+        "payment": payments[0], "fraudProbability": 0.02, "isFraud": false, "threshold": 0.5,
+        "modelName": "payfraud", "modelVersion": "1700000000", "scoredAt": 0, "decision": "allow",
+    }))
+    .unwrap();
+    let producer = create_producer(kafka).unwrap();
+    for chunk in payments.chunks(50_000) {
+        let records: Vec<(String, Vec<u8>)> = chunk
+            .iter()
+            .map(|p| {
+                let scored =
+                    fraudstream::ScoredPayment { payment: p.clone(), scored_at: p.event_time, ..template.clone() };
+                (p.customer.clone(), CODEC.encode_scored(&scored).unwrap())
+            })
+            .collect();
+        let deliveries: Vec<_> = records
+            .iter()
+            .map(|(key, payload)| producer.send_result(FutureRecord::to(&topic).key(key).payload(payload)).unwrap())
+            .collect();
+        for d in deliveries {
+            d.await.unwrap().unwrap();
+        }
+    }
+    let sources = [
+        DataSource::Files(csv.display().to_string()),
+        DataSource::Kafka(LabelledTopic {
+            kafka: kafka.clone(),
+            topic: topic.clone(),
+            since: Duration::from_secs(30 * 86_400),
+            codec: CODEC,
+            registry: None,
+        }),
+    ];
+    let (mut run_best, mut load_best) = ([f64::MAX; 2], [f64::MAX; 2]);
+    for round in 0..2 {
+        for (i, source) in sources.iter().enumerate() {
+            let started = Instant::now();
+            let loaded = load(source).await.unwrap();
+            load_best[i] = load_best[i].min(started.elapsed().as_secs_f64());
+            assert_eq!(loaded.len() as u64, rows, "{source}");
+            drop(loaded);
+            let started = Instant::now();
+            let outcome = run_once(&TrainerOptions {
+                data: source.clone(),
+                model_store: dir.join(format!("trainer-data-{round}-{i}")).display().to_string(),
+                device: fraudstream::model::Device::Cpu,
+                train: TrainConfig { max_epochs: epochs, patience: epochs, ..TrainConfig::default() },
+                ..TrainerOptions::default()
+            })
+            .await
+            .unwrap();
+            run_best[i] = run_best[i].min(started.elapsed().as_secs_f64());
+            assert!(outcome.published);
+        }
+    }
+    eprintln!("trainer-data: runs {run_best:?} s, loads {load_best:?} s (csv, kafka)");
+    format!(
+        "**{:.2}x** ({:.1} vs {:.1} s per run of {epochs} epochs; reading alone {:.2} vs {:.2} s)",
+        run_best[1] / run_best[0],
+        run_best[1],
+        run_best[0],
+        load_best[1],
+        load_best[0]
+    )
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     tch::set_num_threads(1);
@@ -518,6 +614,10 @@ async fn main() {
     // has just started: a broker holding millions of records from the runs
     // before is slower than a fresh one.
     let phase = std::env::var("BENCH_PHASE").unwrap_or_else(|_| "throughput".into());
+    if phase == "trainer-data" {
+        println!("{}", trainer_data(&kafka, dir.path()).await);
+        return;
+    }
     if phase != "throughput" {
         if ModelStore::open(&store).await.unwrap().latest_version().await.unwrap().is_none() {
             train(&store).await;
@@ -531,7 +631,7 @@ async fn main() {
                 let ((p50, p99), (r50, r99)) = latency_at(&kafka, &store, &cache, rate, 12.0).await;
                 println!("{p50:.1} {p99:.1} {r50:.1} {r99:.1}");
             }
-            other => panic!("BENCH_PHASE is throughput, live-max or latency, not {other:?}"),
+            other => panic!("BENCH_PHASE is throughput, live-max, latency or trainer-data, not {other:?}"),
         }
         return;
     }

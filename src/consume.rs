@@ -101,10 +101,7 @@ fn decode<T: serde::de::DeserializeOwned>(
     with_codec: fn(&Codec, &[u8]) -> Result<T, crate::codec::CodecError>,
 ) -> Result<T, String> {
     let fast = |bytes: &[u8]| with_codec(&options.codec, bytes).map_err(|e| e.to_string());
-    match options.schemas.as_ref().and_then(|s| s.read(payload, fast)) {
-        Some(read) => read.map_err(|e| e.to_string()),
-        None => fast(payload),
-    }
+    crate::registry::read_with(options.schemas.as_deref(), payload, fast)
 }
 
 /// Prints events of `options.topic` as JSON lines to `out` until a limit is hit.

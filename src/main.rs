@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use cli::choice;
+use cli::{choice, KafkaFlags};
 use fraudstream::codec::{PAYMENT_SCHEMA_JSON, SCORED_PAYMENT_SCHEMA_JSON};
 use fraudstream::consume::{print_events, ConsumeOptions, EventKind, Isolation};
 use fraudstream::demo::DemoConfig;
@@ -63,25 +63,6 @@ enum Command {
     Models(models_cmd::ModelsArgs),
     /// Join scored payments with their late labels: live quality per model version, labelled history for retraining.
     Monitor(monitor_cmd::MonitorArgs),
-}
-
-/// `--brokers` and `-X`, as every command that talks to Kafka takes them.
-#[derive(Debug, Args)]
-struct KafkaFlags {
-    /// Kafka bootstrap servers (comma-separated host:port).
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    /// Any librdkafka property, e.g. `-X security.protocol=SASL_SSL`; repeatable.
-    /// Applied last, so it overrides fraudstream's own settings. From the
-    /// environment: `KAFKA_PROPERTIES="k1=v1;k2=v2"`.
-    #[arg(short = 'X', value_name = "KEY=VALUE", env = "KAFKA_PROPERTIES", hide_env_values = true, value_delimiter = ';', value_parser = fraudstream::kafka::parse_property)]
-    property: Vec<(String, String)>,
-}
-
-impl From<KafkaFlags> for KafkaArgs {
-    fn from(flags: KafkaFlags) -> Self {
-        KafkaArgs { brokers: flags.brokers, property: flags.property }
-    }
 }
 
 #[derive(Debug, Args)]

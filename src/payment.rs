@@ -165,21 +165,34 @@ pub enum CsvError {
     Malformed { line: u64, message: String },
     #[error("BankSim CSV line {line}, field `{field}`: cannot parse {value:?} ({reason})")]
     BadField { line: u64, field: &'static str, value: String, reason: String },
-    #[error("BankSim CSV: header lacks column `{0}` (expected step,customer,age,gender,zipcodeOri,merchant,zipMerchant,category,amount[,fraud])")]
+    #[error("BankSim CSV: header lacks column `{0}` (expected step,customer,age,gender[,zipcodeOri],merchant[,zipMerchant],category,amount[,fraud])")]
     MissingColumn(&'static str),
     #[error("BankSim CSV: {0}")]
     Io(#[from] std::io::Error),
 }
 
-const COLUMNS: [&str; 9] =
+/// The BankSim columns a payment is read from, in `Payment`'s order.
+pub const BANKSIM_COLUMNS: [&str; 9] =
     ["step", "customer", "age", "gender", "zipcodeOri", "merchant", "zipMerchant", "category", "amount"];
+const COLUMNS: [&str; 9] = BANKSIM_COLUMNS;
+
+/// The zip code of every BankSim row (the data set has one zip code): the
+/// value of `zipcodeOri` and `zipMerchant` where a file leaves them out.
+pub const BANKSIM_ZIP: &str = "28007";
+
+/// Whether BankSim column `name` may be missing (the constant zip codes).
+pub fn banksim_column_optional(name: &str) -> bool {
+    matches!(name, "zipcodeOri" | "zipMerchant")
+}
 
 /// Streams payments from a BankSim CSV file, in the original format (values
 /// wrapped in single quotes, header quoted with double quotes or not) or
-/// unquoted. Columns are found by header name; `fraud` is optional.
+/// unquoted. Columns are found by header name; `fraud` is optional, and so
+/// are the constant zip-code columns (`BANKSIM_ZIP` where absent).
 pub struct BankSimReader<R: BufRead> {
     inner: csv::Reader<R>,
-    index: [usize; 9],
+    /// Each column's position in a row; `None` for an absent zip-code column.
+    index: [Option<usize>; 9],
     fraud: Option<usize>,
     record: csv::ByteRecord,
     /// Prefix of generated payment ids (the original format has none).
@@ -203,16 +216,20 @@ impl<R: BufRead> BankSimReader<R> {
             .map(|h| String::from_utf8_lossy(h).trim().trim_matches(|c| c == '"' || c == '\'').to_string())
             .collect();
         let find = |name: &str| headers.iter().position(|h| h == name);
-        let mut index = [0; 9];
+        let mut index = [None; 9];
         for (slot, name) in index.iter_mut().zip(COLUMNS) {
-            *slot = find(name).ok_or(CsvError::MissingColumn(name))?;
+            *slot = find(name);
+            if slot.is_none() && !banksim_column_optional(name) {
+                return Err(CsvError::MissingColumn(name));
+            }
         }
         Ok(Self { inner, index, fraud: find("fraud"), record: csv::ByteRecord::new(), id_prefix: id_prefix.into() })
     }
 
     fn field(&self, i: usize, line: u64) -> Result<&str, CsvError> {
         let name = COLUMNS[i];
-        let raw = self.record.get(self.index[i]).ok_or_else(|| CsvError::Malformed {
+        let Some(column) = self.index[i] else { return Ok(BANKSIM_ZIP) };
+        let raw = self.record.get(column).ok_or_else(|| CsvError::Malformed {
             line,
             message: format!("row has {} fields, column `{name}` is missing", self.record.len()),
         })?;
@@ -370,6 +387,30 @@ mod tests {
         assert_eq!(rows[0].fraud, Some(true));
         assert_eq!(rows[1].age, "U");
         assert_eq!(rows[1].event_time, BANKSIM_EPOCH_MS + 4 * STEP_MS);
+    }
+
+    #[test]
+    fn zip_code_columns_may_be_left_out() {
+        let text = "step,customer,age,gender,merchant,category,amount,fraud\n\
+                    5,'C7','3','F','M9','es_travel',812.25,1\n";
+        let rows: Vec<Payment> = BankSimReader::new(text.as_bytes()).unwrap().map(|r| r.unwrap()).collect();
+        let expected = Payment {
+            payment_id: "bs-2".into(),
+            event_time: BANKSIM_EPOCH_MS + 5 * STEP_MS,
+            step: 5,
+            customer: "C7".into(),
+            age: "3".into(),
+            gender: "F".into(),
+            zipcode_ori: BANKSIM_ZIP.into(),
+            merchant: "M9".into(),
+            zip_merchant: BANKSIM_ZIP.into(),
+            category: "es_travel".into(),
+            amount: 812.25,
+            fraud: Some(true),
+        };
+        assert_eq!(rows, [expected]);
+        let missing = BankSimReader::new("step,customer,age,gender,category,amount\n".as_bytes()).err().unwrap();
+        assert!(missing.to_string().contains("`merchant`"), "{missing}");
     }
 
     #[test]

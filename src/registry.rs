@@ -321,6 +321,20 @@ impl WriterSchemas {
     }
 }
 
+/// Reads `bytes` by its writer schema where `schemas` knows it (after
+/// `learn`), else with `fast` (the plain codec): the one rule every reader
+/// of our topics follows.
+pub fn read_with<T: DeserializeOwned>(
+    schemas: Option<&WriterSchemas>,
+    bytes: &[u8],
+    fast: impl FnOnce(&[u8]) -> Result<T, String> + Copy,
+) -> Result<T, String> {
+    match schemas.and_then(|s| s.read(bytes, fast)) {
+        Some(read) => read.map_err(|e| e.to_string()),
+        None => fast(bytes),
+    }
+}
+
 fn writer_kind(writer: &Writer) -> &'static str {
     match writer {
         Writer::Ours => "fraudstream's own",

@@ -1,20 +1,26 @@
-//! Labelled payments for training: from a BankSim CSV file (local or
-//! `s3://bucket/key`) or the simulator, split by time into train,
-//! validation and holdout, so the holdout measures the future.
+//! Labelled payments for training, from where they are: BankSim CSV and
+//! Parquet files (local, or on S3: `files`), a Kafka topic of labelled
+//! scored payments (`topic`), or the simulator; split by event time into
+//! train, validation and holdout, so the holdout measures the future.
 
-use std::io::BufReader;
+use std::sync::Arc;
 
-use crate::payment::BankSimReader;
+use crate::payment::STEP_MS;
 use crate::{Payment, Simulator};
 use sha2::{Digest, Sha256};
 
+use super::topic::LabelledTopic;
 use super::{Result, TrainingError};
 
 /// Where the labelled data comes from.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum DataSource {
-    /// A BankSim CSV path or `s3://bucket/key`.
-    Csv(String),
+    /// A BankSim CSV or Parquet file, or every `*.csv` and `*.parquet` file
+    /// under a directory; local, or `s3://bucket/key.csv|.parquet` (one
+    /// object) and `s3://bucket/prefix/` (every such object under it).
+    Files(String),
+    /// The labelled payments of a Kafka topic within a time window.
+    Kafka(LabelledTopic),
     Simulator {
         rows: u64,
         seed: u64,
@@ -30,7 +36,8 @@ pub enum DataSource {
 impl std::fmt::Display for DataSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DataSource::Csv(path) => write!(f, "{path}"),
+            DataSource::Files(path) => write!(f, "{path}"),
+            DataSource::Kafka(topic) => write!(f, "{topic}"),
             DataSource::Simulator { rows, seed } => write!(f, "simulator(rows={rows}, seed={seed})"),
             DataSource::DriftedSimulator { rows, seed, drift_after } => {
                 write!(f, "simulator(rows={rows}, seed={seed}, drift_after={drift_after})")
@@ -39,8 +46,10 @@ impl std::fmt::Display for DataSource {
     }
 }
 
-/// Reads every labelled payment; rows without a label are an error (a
-/// trainer cannot learn from them). Shows a progress spinner while reading.
+/// Reads every labelled payment. In files, a row without a label is an
+/// error (a trainer cannot learn from it); on a topic, payments not labelled
+/// yet are skipped and counted (see `topic`). Shows a progress spinner.
+/// Nothing to train on is `TrainingError::NoPayments`.
 pub async fn load(source: &DataSource) -> Result<Vec<Payment>> {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(indicatif::ProgressStyle::with_template("{spinner} reading {msg}: {pos} rows").expect("template"));
@@ -54,53 +63,29 @@ pub async fn load(source: &DataSource) -> Result<Vec<Payment>> {
             let sim = Simulator::new(*rows, *seed).drift_after(*drift_after);
             sim.inspect(|_| bar.inc(1)).collect()
         }
-        DataSource::Csv(location) => {
-            let bytes: Box<dyn std::io::Read> = if let Some(parsed) = crate::model::S3Url::parse(location) {
-                let data_err = |message: String| TrainingError::Data { location: location.clone(), message };
-                let crate::model::S3Url { bucket, key } = parsed
-                    .ok()
-                    .filter(|u| !u.key.is_empty())
-                    .ok_or_else(|| data_err("expected s3://bucket/key".into()))?;
-                let client = crate::model::s3_client().await;
-                let object = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| {
-                    data_err(format!(
-                        "cannot read it from S3: {} (check AWS_ENDPOINT_URL and the AWS credentials)",
-                        aws_sdk_s3::error::DisplayErrorContext(e)
-                    ))
-                })?;
-                let data = object.body.collect().await.map_err(|e| data_err(format!("reading from S3: {e}")))?;
-                Box::new(std::io::Cursor::new(data.into_bytes()))
-            } else {
-                Box::new(std::fs::File::open(location).map_err(|e| TrainingError::Data {
-                    location: location.clone(),
-                    message: format!("cannot open it: {e}"),
-                })?)
-            };
-            let csv_err = |error| TrainingError::Csv { location: location.clone(), error };
-            let reader = BankSimReader::new(BufReader::with_capacity(1 << 20, bytes)).map_err(csv_err)?;
-            let mut payments = Vec::new();
-            for row in reader {
-                let payment = row.map_err(csv_err)?;
-                if payment.fraud.is_none() {
-                    return Err(TrainingError::Data {
-                        location: location.clone(),
-                        message: format!("payment {} has no fraud label (column `fraud`)", payment.payment_id),
-                    });
-                }
-                payments.push(payment);
-                bar.inc(1);
-            }
-            payments
+        DataSource::Files(location) => super::files::load(location, &|| bar.inc(1)).await?,
+        DataSource::Kafka(topic) => {
+            let counter = bar.clone();
+            super::topic::load(topic, Arc::new(move || counter.inc(1))).await?.0
         }
     };
     bar.finish_and_clear();
     if payments.is_empty() {
-        return Err(TrainingError::Data { location: source.to_string(), message: "holds no payments".into() });
+        return Err(TrainingError::NoPayments {
+            location: source.to_string(),
+            detail: "it holds no labelled payments".into(),
+        });
     }
     Ok(payments)
 }
 
-/// Payments split by step: the earliest `train` share, then `validation`, then the rest.
+/// The UTC day of a payment's event time: the unit the time split cuts at
+/// (for BankSim rows, the step).
+fn day(payment: &Payment) -> i64 {
+    payment.event_time.div_euclid(STEP_MS)
+}
+
+/// Payments split by event time: the earliest `train` share, then `validation`, then the rest.
 #[derive(Debug, Clone)]
 pub struct TimeSplit {
     pub train: Vec<Payment>,
@@ -109,15 +94,16 @@ pub struct TimeSplit {
 }
 
 impl TimeSplit {
-    /// Splits at whole steps (days), so no day is in two sets. Fails if a set
-    /// would be empty or hold no fraud (nothing to learn or measure).
+    /// Splits at whole UTC days of event time (BankSim steps), so no day is
+    /// in two sets. Fails if a set would be empty or hold no fraud (nothing to
+    /// learn or measure).
     pub fn new(mut payments: Vec<Payment>, train_share: f64, validation_share: f64) -> Result<Self> {
-        payments.sort_by_key(|p| (p.step, p.event_time));
+        payments.sort_by_key(|p| p.event_time);
         let n = payments.len() as f64;
         let cut = |share: f64| {
             let target = (n * share) as usize;
-            let step_at = payments.get(target).map_or(i32::MAX, |p| p.step);
-            payments.partition_point(|p| p.step < step_at)
+            let day_at = payments.get(target).map_or(i64::MAX, day);
+            payments.partition_point(|p| day(p) < day_at)
         };
         let (a, b) = (cut(train_share), cut(train_share + validation_share));
         let holdout = payments.split_off(b);
@@ -127,7 +113,7 @@ impl TimeSplit {
             let frauds = set.iter().filter(|p| p.fraud == Some(true)).count();
             if set.is_empty() || frauds == 0 {
                 return Err(TrainingError::Invalid(format!(
-                    "the {name} set has {} payments and {frauds} frauds; the data is too small or spans too few steps to split by time",
+                    "the {name} set has {} payments and {frauds} frauds; the data is too small or spans too few days (of event time) to split by time",
                     set.len()
                 )));
             }
@@ -141,10 +127,12 @@ pub fn labels(payments: &[Payment]) -> Vec<bool> {
     payments.iter().map(|p| p.fraud == Some(true)).collect()
 }
 
-/// SHA-256 over every payment's features and label, in order: tells data sets apart.
+/// SHA-256 over every payment's event time, features and label, in order:
+/// tells data sets apart (what a run read, in the order it read it).
 pub fn content_hash(payments: &[Payment]) -> String {
     let mut hasher = Sha256::new();
     for p in payments {
+        hasher.update(p.event_time.to_le_bytes());
         hasher.update(p.step.to_le_bytes());
         hasher.update(p.customer.as_bytes());
         hasher.update(p.age.as_bytes());

@@ -6,7 +6,9 @@
 
 pub mod data;
 pub mod evaluate;
+mod files;
 pub mod report;
+pub mod topic;
 pub mod train;
 
 use std::time::Instant;
@@ -33,6 +35,10 @@ pub enum TrainingError {
     Data { location: String, message: String },
     #[error("training data {location}: {error}")]
     Csv { location: String, error: crate::payment::CsvError },
+    #[error("training data {location}: nothing to train on: {detail}")]
+    NoPayments { location: String, detail: String },
+    #[error("training data kafka://{topic}: the record at partition {partition} offset {offset} does not decode as a ScoredPayment: {reason}. Check that --format (FRAUDSTREAM_FORMAT, now {format}) is how the topic is written (the monitor's --output-format), with --schema-registry-url if its writers use a registry; a record that is garbage must leave the window: delete it (kafka-delete-records.sh up to offset {}) or shorten --since", offset + 1)]
+    Record { topic: String, partition: i32, offset: i64, reason: String, format: String },
     #[error("encoding the {set} set: {error}")]
     Encode { set: &'static str, error: crate::features::EncodeError },
     #[error("{step}: {error}")]
@@ -61,6 +67,10 @@ fn model_err(step: impl Into<String>) -> impl FnOnce(crate::model::ModelError) -
 #[derive(Debug, Clone)]
 pub struct TrainerOptions {
     pub data: DataSource,
+    /// Trained on instead when `data` holds no labelled payments and the
+    /// store has no version yet: the first run of a new deployment, before
+    /// any payment was scored and labelled. Later runs never fall back.
+    pub fallback: Option<DataSource>,
     pub model_store: String,
     pub model_name: String,
     pub device: Device,
@@ -99,6 +109,7 @@ impl Default for TrainerOptions {
     fn default() -> Self {
         Self {
             data: DataSource::Simulator { rows: 594_643, seed: 42 },
+            fallback: None,
             model_store: "models".into(),
             model_name: "payfraud".into(),
             device: Device::Auto,
@@ -162,9 +173,15 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         None => latest.clone(),
     };
 
-    let payments = data::load(&options.data).await?;
+    let (payments, source) = match (data::load(&options.data).await, &options.fallback) {
+        (Err(TrainingError::NoPayments { location, detail }), Some(fallback)) if latest.is_none() => {
+            tracing::warn!(%location, %detail, fallback = %fallback, "no labelled payments and no model yet: training on the fallback data");
+            (data::load(fallback).await?, fallback)
+        }
+        (loaded, _) => (loaded?, &options.data),
+    };
     let summary = TrainingDataSummary {
-        source: options.data.to_string(),
+        source: source.to_string(),
         rows: payments.len() as u64,
         frauds: payments.iter().filter(|p| p.fraud == Some(true)).count() as u64,
         sha256: data::content_hash(&payments),

@@ -4,16 +4,24 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use cli::choice;
+use cli::{choice, KafkaFlags};
+use fraudstream::codec::{Codec, WireFormat};
 use fraudstream::features::AmountScale;
 use fraudstream::model::Device;
+use fraudstream::registry::RegistryConfig;
 use fraudstream::telemetry::{init_logging, LogFormat};
 use fraudstream::training::data::DataSource;
+use fraudstream::training::topic::LabelledTopic;
 use fraudstream::training::train::TrainConfig;
 use fraudstream::training::{run_once, OnLose, RunOutcome, TrainerOptions};
 
 #[path = "../../src/cli.rs"]
 mod cli;
+
+/// mimalloc instead of glibc malloc, as in `fraudstream`: reading a topic
+/// allocates a dozen strings per payment.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Train a fraud model on labelled payments, evaluate it on a time-based
 /// holdout against a logistic baseline and the current champion, and publish
@@ -21,15 +29,36 @@ mod cli;
 #[derive(Debug, Parser)]
 #[command(name = "fraudstream-trainer", version)]
 struct Cli {
-    /// Labelled BankSim CSV: a local path or s3://bucket/key.
+    /// Labelled payments: kafka://<topic> (labelled scored payments, e.g. kafka://payments-labelled),
+    /// a BankSim CSV or Parquet file, a directory of them, s3://bucket/key.csv|.parquet, or
+    /// s3://bucket/prefix/ (every *.csv and *.parquet object under it).
     #[arg(long, env = "FRAUDSTREAM_TRAIN_DATA", conflicts_with = "simulate", required_unless_present = "simulate")]
     data: Option<String>,
-    /// Train on N simulated payments instead of a file.
+    /// Train on N simulated payments instead.
     #[arg(long, value_name = "N", env = "FRAUDSTREAM_SIMULATE")]
     simulate: Option<u64>,
     /// With --simulate: draw the payments from this one on from the drifted regime B (0: all of them).
     #[arg(long, value_name = "N", env = "FRAUDSTREAM_DRIFT_AFTER", requires = "simulate", conflicts_with = "data")]
     drift_after: Option<u64>,
+    /// With --data kafka://<topic>: read the records of this last stretch of time (by Kafka timestamp).
+    #[arg(long, env = "FRAUDSTREAM_SINCE", value_parser = humantime::parse_duration, default_value = "30d")]
+    since: Duration,
+    /// With --data kafka://<topic>: when the topic holds no labelled payments and the model store
+    /// no version yet (a new deployment's first run), train on these files instead (as --data takes them).
+    #[arg(long, value_name = "LOCATION", env = "FRAUDSTREAM_FALLBACK_DATA", conflicts_with = "fallback_simulate")]
+    fallback_data: Option<String>,
+    /// Like --fallback-data, on N simulated payments.
+    #[arg(long, value_name = "N", env = "FRAUDSTREAM_FALLBACK_SIMULATE")]
+    fallback_simulate: Option<u64>,
+    /// With --data kafka://<topic>: the topic's wire format (the monitor's output format).
+    #[arg(long, env = "FRAUDSTREAM_FORMAT", value_parser = choice::<WireFormat>(), default_value = "confluent")]
+    format: WireFormat,
+    /// With --data kafka://<topic>: Confluent Schema Registry, to read each record by its writer schema.
+    /// Basic auth from SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO (user:password), a CA from SCHEMA_REGISTRY_CA_LOCATION.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    schema_registry_url: Option<String>,
+    #[command(flatten)]
+    kafka: KafkaFlags,
     /// Simulator seed; also seeds weight initialisation and shuffling.
     #[arg(long, env = "FRAUDSTREAM_SEED", default_value_t = 42)]
     seed: u64,
@@ -114,15 +143,39 @@ async fn main() -> Result<()> {
     }
     tch::set_num_threads(cli.threads);
     let data = match (cli.data, cli.simulate) {
-        (Some(path), _) => DataSource::Csv(path),
+        (Some(location), _) => match LabelledTopic::topic_of(&location) {
+            Some(topic) => DataSource::Kafka(LabelledTopic {
+                kafka: cli.kafka.into(),
+                topic: topic?,
+                since: cli.since,
+                codec: Codec::new(cli.format, 0),
+                registry: cli.schema_registry_url.map(RegistryConfig::from_env),
+            }),
+            None => DataSource::Files(location),
+        },
         (None, Some(rows)) => match cli.drift_after {
             None => DataSource::Simulator { rows, seed: cli.seed },
             Some(drift_after) => DataSource::DriftedSimulator { rows, seed: cli.seed, drift_after },
         },
-        (None, None) => bail!("pass --data FILE|s3://bucket/key or --simulate N"),
+        (None, None) => bail!("pass --data kafka://TOPIC|FILE|DIR|s3://bucket/key or --simulate N"),
     };
+    if cli.since.is_zero() {
+        bail!("--since must be longer than 0 s");
+    }
+    let fallback = match (cli.fallback_data, cli.fallback_simulate) {
+        (Some(location), _) if LabelledTopic::topic_of(&location).is_some() => {
+            bail!("--fallback-data takes files (a path or s3:// URL), not a topic: {location}")
+        }
+        (Some(location), _) => Some(DataSource::Files(location)),
+        (None, Some(rows)) => Some(DataSource::Simulator { rows, seed: cli.seed }),
+        (None, None) => None,
+    };
+    if fallback.is_some() && !matches!(data, DataSource::Kafka(_)) {
+        bail!("--fallback-data and --fallback-simulate apply only to --data kafka://<topic>");
+    }
     let options = TrainerOptions {
         data,
+        fallback,
         model_store: cli.model_store,
         model_name: cli.model_name,
         device: cli.device,

@@ -256,3 +256,44 @@ async fn exported_model_gives_the_same_outputs_in_python() {
         python_out.iter().zip(&rust).flat_map(|(p, r)| [(p[0] - r[0]).abs(), (p[1] - r[1]).abs()]).fold(0f32, f32::max);
     assert!(diff <= 1e-6, "Python and Rust outputs differ by {diff}");
 }
+
+/// `--data kafka://<topic>` from the command line: the broker from
+/// `--brokers`; on a topic that does not exist yet and an empty store, the
+/// cold-start fallback trains and publishes; once a version exists, the same
+/// run fails clearly and publishes nothing. The fallback flags refuse other data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_a_topic_with_a_cold_start_fallback() {
+    let store = store_url();
+    let brokers = env("FRAUDSTREAM_TEST_BROKERS");
+    let data = format!("kafka://labelled-not-yet-{}", fastrand());
+    let args = [
+        "--data",
+        &data,
+        "--brokers",
+        &brokers,
+        "--since",
+        "7d",
+        "--fallback-simulate",
+        "20000",
+        "--max-epochs",
+        "2",
+        "--model-store",
+        &store,
+    ];
+    let (ok, out) = trainer(&args).output_text();
+    assert!(ok && out.contains("PUBLISHED"), "{out}");
+    let published = versions(&store).await;
+    assert_eq!(published.len(), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let fetched = ModelStore::open(&store).await.unwrap().fetch(&published[0], &[], dir.path()).await.unwrap();
+    assert_eq!(fetched.manifest.training_data.source, "simulator(rows=20000, seed=42)");
+
+    let (ok, out) = trainer(&args).output_text();
+    assert!(!ok, "{out}");
+    assert!(out.contains(&data) && out.contains("nothing to train on") && out.contains("does not exist"), "{out}");
+    assert_eq!(versions(&store).await, published);
+
+    let (ok, out) =
+        trainer(&["--simulate", "20000", "--fallback-simulate", "5", "--model-store", &store]).output_text();
+    assert!(!ok && out.contains("only to --data kafka://"), "{out}");
+}
