@@ -226,6 +226,11 @@ struct DemoArgs {
     /// Also serve the REST API and metrics here during the demo (e.g. 127.0.0.1:8501).
     #[arg(long, env = "FRAUDSTREAM_HTTP_ADDR")]
     http_addr: Option<std::net::SocketAddr>,
+    /// Run the learning loop instead: a model trained on regime A serves, the fraud pattern moves
+    /// (regime B), live AP drops and PSI alarms, the trainer retrains on the labelled topic, the
+    /// new version wins and is swapped in, live AP recovers.
+    #[arg(long, env = "FRAUDSTREAM_DEMO_DRIFT")]
+    drift: bool,
     /// Show the components' log lines (info and up) between the demo's own lines (default: warnings only).
     #[arg(short, long, env = "FRAUDSTREAM_VERBOSE")]
     verbose: bool,
@@ -674,6 +679,7 @@ async fn score(args: ScoreArgs) -> Result<()> {
 async fn demo(args: DemoArgs) -> Result<()> {
     let kafka = args.brokers.map(|brokers| KafkaArgs { brokers, property: args.property });
     let config = DemoConfig {
+        drift: args.drift,
         kafka,
         model_store: args.model_store,
         train_rows: args.train_rows,
@@ -686,6 +692,13 @@ async fn demo(args: DemoArgs) -> Result<()> {
         max_delay: args.scoring.max_delay,
         http_addr: args.http_addr,
     };
+    if config.drift {
+        let summary = fraudstream::demo::drift::run(config).await?;
+        if !summary.recovered {
+            bail!("the retrained version {} did not take over from {}", summary.second_version, summary.first_version);
+        }
+        return Ok(());
+    }
     let summary = fraudstream::demo::run(config).await?;
     println!("{summary}");
     if summary.scored + summary.dead_lettered < summary.produced {

@@ -133,6 +133,8 @@ impl Input {
 pub struct MonitorParts {
     /// The live numbers of every version, as last exported (every second).
     pub reports: Arc<Mutex<Vec<quality::VersionReport>>>,
+    /// Joins processed live (written to the labelled topic), corrections included.
+    pub joins: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Runs the monitor until `shutdown` (Ok, after a last commit) or a failure of ours (Err).

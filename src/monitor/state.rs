@@ -297,6 +297,7 @@ impl Core {
         self.quality.labelled(served, label.fraud, first);
         if live {
             metrics::counter!(metric::MONITOR_JOINS).increment(1);
+            self.parts.joins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let delay = (label.labelled_at - scored_at).max(0) as f64 / 1000.0;
             if let Some(serving) = served.first() {
                 metrics::histogram!(metric::MONITOR_LABEL_DELAY_SECONDS, "version" => serving.version.to_string())

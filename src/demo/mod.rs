@@ -3,7 +3,10 @@
 //! temporary directory as the model store (flags point it at a real broker
 //! and S3). It trains and publishes a model on simulated history, starts the
 //! scorer, streams simulated payments through it, and reports throughput,
-//! latency and the fraud caught against the simulator's labels.
+//! latency and the fraud caught against the simulator's labels. With
+//! `--drift` it runs the learning loop instead (`drift`).
+
+pub mod drift;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -27,9 +30,14 @@ use crate::training::data::DataSource;
 use crate::training::train::TrainConfig;
 use crate::training::{run_once, TrainerOptions};
 
+/// How the demo's payments and scored payments are written.
+const CODEC: Codec = Codec::new(WireFormat::Confluent, 1);
+
 /// Demo settings; every default runs with nothing installed.
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
+    /// The learning loop instead: drift, alarm, retraining, recovery (`drift`).
+    pub drift: bool,
     /// A real broker; `None` starts the in-process mock cluster.
     pub kafka: Option<KafkaArgs>,
     /// A model store (`s3://...` or a directory); `None` uses a temporary directory.
@@ -129,6 +137,9 @@ struct Names {
     output: String,
     dlq: String,
     group: String,
+    labels: String,
+    labelled: String,
+    labels_dlq: String,
 }
 
 impl Names {
@@ -143,8 +154,92 @@ impl Names {
             output: format!("{prefix}payments-scored"),
             dlq: format!("{prefix}payments-dlq"),
             group: format!("{prefix}fraudstream-demo"),
+            labels: format!("{prefix}payments-labels"),
+            labelled: format!("{prefix}payments-labelled"),
+            labels_dlq: format!("{prefix}payments-labels-dlq"),
         }
     }
+}
+
+/// The mock cluster, when the demo runs one.
+type Mock = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+/// The demo's broker with `topics` made: the given one, or an in-process
+/// mock cluster (kept alive by the returned handle).
+async fn broker(config: &DemoConfig, topics: &[&str]) -> Result<(Option<Mock>, KafkaArgs), DemoError> {
+    match &config.kafka {
+        Some(kafka) => {
+            ensure_topics(kafka, topics, config.partitions).await.map_err(step("creating topics"))?;
+            eprintln!("broker: {} (topics {})", kafka.brokers, topics.join(", "));
+            Ok((None, kafka.clone()))
+        }
+        None => {
+            let mock = MockCluster::new(1).map_err(step("starting the in-process Kafka mock cluster"))?;
+            for topic in topics {
+                mock.create_topic(topic, config.partitions, 1).map_err(step("creating topics"))?;
+            }
+            eprintln!("broker: in-process mock cluster at {}", mock.bootstrap_servers());
+            let kafka = KafkaArgs::new(mock.bootstrap_servers());
+            Ok((Some(mock), kafka))
+        }
+    }
+}
+
+/// The demo's scorer: Confluent-framed Avro in and out, the store polled every `poll`.
+fn scorer_config(
+    config: &DemoConfig,
+    kafka: &KafkaArgs,
+    names: &Names,
+    store: &str,
+    dir: &std::path::Path,
+    device: tch::Device,
+    poll: Duration,
+) -> ScorerConfig {
+    ScorerConfig {
+        pipeline: PipelineConfig {
+            kafka: kafka.clone(),
+            group_id: names.group.clone(),
+            input_topic: names.input.clone(),
+            output_topic: names.output.clone(),
+            dead_letter_topic: names.dlq.clone(),
+            input_codec: CODEC,
+            output_codec: CODEC,
+            max_batch: config.max_batch,
+            max_delay: config.max_delay,
+            ..PipelineConfig::default()
+        },
+        watch: WatchConfig {
+            store: store.to_string(),
+            poll_interval: poll,
+            device,
+            cache_dir: dir.join("cache"),
+            ..WatchConfig::default()
+        },
+        http_addr: config.http_addr,
+        // The mock cluster has no CreateTopics; its topics were made with it.
+        create_topics: config.kafka.as_ref().map(|_| config.partitions),
+        ..ScorerConfig::default()
+    }
+}
+
+/// Waits until the scorer serves a model and has partitions.
+async fn wait_ready<T>(
+    parts: &ScorerParts,
+    scorer: &tokio::task::JoinHandle<T>,
+    shutdown: &CancellationToken,
+) -> Result<(), DemoError> {
+    let wait_start = Instant::now();
+    while parts.scoring.model().is_none() || parts.state.assigned_partitions() == 0 {
+        if scorer.is_finished() || wait_start.elapsed() > Duration::from_secs(60) {
+            shutdown.cancel();
+            return Err(DemoError {
+                step: "starting the scorer",
+                source: "scorer did not become ready within 60 s".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -158,23 +253,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
     // 1. A broker.
     let names = Names::new(config.kafka.is_some());
-    let topics = [names.input.as_str(), names.output.as_str(), names.dlq.as_str()];
-    let mock;
-    let kafka = match &config.kafka {
-        Some(kafka) => {
-            ensure_topics(kafka, &topics, config.partitions).await.map_err(step("creating topics"))?;
-            eprintln!("broker: {} (topics {})", kafka.brokers, topics.join(", "));
-            kafka.clone()
-        }
-        None => {
-            mock = MockCluster::new(1).map_err(step("starting the in-process Kafka mock cluster"))?;
-            for topic in topics {
-                mock.create_topic(topic, config.partitions, 1).map_err(step("creating topics"))?;
-            }
-            eprintln!("broker: in-process mock cluster at {}", mock.bootstrap_servers());
-            KafkaArgs::new(mock.bootstrap_servers())
-        }
-    };
+    let (_mock, kafka) = broker(&config, &[&names.input, &names.output, &names.dlq]).await?;
 
     // 2. Train and publish a model.
     let temp = tempfile::tempdir().map_err(step("creating a temporary model store"))?;
@@ -205,48 +284,14 @@ pub async fn run(config: DemoConfig) -> Result<DemoSummary, DemoError> {
     let device = config.device.resolve().map_err(step("choosing a device"))?;
     let parts = ScorerParts::new(config.max_batch);
     let shutdown = CancellationToken::new();
-    let codec = Codec::new(WireFormat::Confluent, 1);
-    let scorer_config = ScorerConfig {
-        pipeline: PipelineConfig {
-            kafka: kafka.clone(),
-            group_id: names.group.clone(),
-            input_topic: names.input.clone(),
-            output_topic: names.output.clone(),
-            dead_letter_topic: names.dlq.clone(),
-            input_codec: codec,
-            output_codec: codec,
-            max_batch: config.max_batch,
-            max_delay: config.max_delay,
-            ..PipelineConfig::default()
-        },
-        watch: WatchConfig {
-            store: store.clone(),
-            poll_interval: Duration::from_secs(5),
-            device,
-            cache_dir: temp.path().join("cache"),
-            ..WatchConfig::default()
-        },
-        http_addr: config.http_addr,
-        // The mock cluster has no CreateTopics; its topics were made above.
-        create_topics: config.kafka.as_ref().map(|_| config.partitions),
-        ..ScorerConfig::default()
-    };
+    let codec = CODEC;
+    let scorer_config = scorer_config(&config, &kafka, &names, &store, temp.path(), device, Duration::from_secs(5));
     let scorer = tokio::spawn(crate::scorer::run(scorer_config, parts.clone(), shutdown.clone()));
     // The payment producer starts while the scorer does: an idempotent
     // producer's start-up (producer id, metadata) took ~0.5 s on the mock
     // cluster, which would otherwise show as latency of the first payments.
     let producer = create_producer(&kafka).map_err(step("creating the producer"))?;
-    let wait_start = Instant::now();
-    while parts.scoring.model().is_none() || parts.state.assigned_partitions() == 0 {
-        if scorer.is_finished() || wait_start.elapsed() > Duration::from_secs(60) {
-            shutdown.cancel();
-            return Err(DemoError {
-                step: "starting the scorer",
-                source: "scorer did not become ready within 60 s".into(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&parts, &scorer, &shutdown).await?;
     eprintln!(
         "scorer ready: model {} serving, {} partitions assigned",
         outcome.version,
