@@ -57,6 +57,21 @@ impl KafkaArgs {
     }
 }
 
+/// The context of readers that ask for `enable.partition.eof` to know they
+/// have read everything: librdkafka also reports each end of a partition as
+/// a global error, which the default context would log as one.
+pub struct EndOfPartitionIsNoError;
+
+impl rdkafka::ClientContext for EndOfPartitionIsNoError {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if !matches!(error, rdkafka::error::KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EndOfPartitionIsNoError {}
+
 /// A topic-administration failure, naming the topic and the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {

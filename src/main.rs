@@ -231,7 +231,7 @@ struct DemoArgs {
     /// new version wins and is swapped in, live AP recovers.
     #[arg(long, env = "FRAUDSTREAM_DEMO_DRIFT")]
     drift: bool,
-    /// Show the components' log lines (info and up) between the demo's own lines (default: warnings only).
+    /// Show the components' log lines (info and up) between the demo's own lines (default: errors only).
     #[arg(short, long, env = "FRAUDSTREAM_VERBOSE")]
     verbose: bool,
     /// Append the components' log lines (info and up) to this file instead.
@@ -385,7 +385,7 @@ fn main() -> Result<()> {
                 ),
                 None => None,
             };
-            let level = if file.is_some() { "info" } else { "warn" };
+            let level = if file.is_some() { "info" } else { "error" };
             init_logging_with(cli.log_format, level, file);
         }
         _ => init_logging(cli.log_format),

@@ -291,3 +291,19 @@ fn help_never_prints_kafka_credentials() {
         assert!(!help.contains("s3cret-value"), "`fraudstream {command} --help` printed a password:\n{help}");
     }
 }
+
+/// `fraudstream demo --drift` on the mock cluster: model 1's live AP drops
+/// when the fraud pattern moves, PSI alarms before any label, the model
+/// retrained on the monitor's labelled topic wins and serves, live AP recovers.
+#[test]
+fn the_drift_demo_shows_the_loop_recover() {
+    let out = run_ok(fraudstream().args(["demo", "--drift", "--train-rows", "100000"]));
+    assert!(out.contains("PSI alarm before any label") && out.contains("category"), "{out}");
+    assert!(out.contains("challenger wins"), "the retrained version must win the gate:\n{out}");
+    let line = out.lines().find(|l| l.contains("live AP:")).unwrap_or_else(|| panic!("no AP timeline:\n{out}"));
+    let aps: Vec<f64> =
+        line.split_whitespace().filter_map(|w| w.parse::<f64>().ok()).filter(|v| (0.0..=1.0).contains(v)).collect();
+    let [before, drifted, recovered] = aps[..] else { panic!("{line}") };
+    assert!(drifted < before / 2.0, "the drift must hurt model 1: {line}");
+    assert!(recovered > drifted + 0.2, "retraining must recover: {line}");
+}

@@ -95,6 +95,8 @@ pub async fn run(config: DemoConfig) -> Result<DriftSummary, DemoError> {
         dead_letter_topic: names.labels_dlq.clone(),
         codec: CODEC,
         quality_window: QUALITY_WINDOW,
+        // The simulator's event time runs through months in seconds: keep every payment.
+        label_window: Duration::from_secs(10 * 365 * 86_400),
         create_topics: false,
         ..MonitorConfig::default()
     };
@@ -183,6 +185,10 @@ pub async fn run(config: DemoConfig) -> Result<DriftSummary, DemoError> {
     summary.live_ap_recovered = recovered.as_ref().map_or(f64::NAN, |r| r.average_precision);
     story.say(format!("live, model {}: {}", second.version, describe(recovered.as_ref())));
     story.say(format!("PSI (regime B against model 2's training data): {}", describe_psi(&psi(&prometheus))));
+    story.say(format!(
+        "live AP: {:.3} (model 1, regime A) -> {:.3} (model 1, regime B) -> {:.3} (model 2, retrained on the labelled stream)",
+        summary.live_ap_before, summary.live_ap_drifted, summary.live_ap_recovered
+    ));
 
     shutdown.cancel();
     scorer.await.map_err(step("stopping the scorer"))?.map_err(step("running the scorer"))?;
@@ -241,13 +247,16 @@ fn describe(report: Option<&VersionReport>) -> String {
 /// The scorer's latest PSI per group, from its gauges.
 fn psi(prometheus: &metrics_exporter_prometheus::PrometheusHandle) -> Vec<(String, f64)> {
     let text = prometheus.render();
-    text.lines()
+    let mut values: Vec<(String, f64)> = text
+        .lines()
         .filter_map(|line| {
             let rest = line.strip_prefix(crate::telemetry::metric::PSI)?.strip_prefix("{group=\"")?;
             let (group, value) = rest.split_once("\"} ")?;
             Some((group.to_string(), value.trim().parse().ok()?))
         })
-        .collect()
+        .collect();
+    values.sort_by_key(|(group, _)| crate::drift::DriftGroup::ALL.iter().position(|g| g.name() == group));
+    values
 }
 
 fn describe_psi(values: &[(String, f64)]) -> String {

@@ -15,6 +15,7 @@ use super::join::{JoinLimits, PartitionJoin};
 use super::state::{Core, Hooks, Record};
 use super::Input;
 use super::MonitorError;
+use crate::kafka::EndOfPartitionIsNoError;
 use crate::payment::now_ms;
 use crate::telemetry::metric;
 
@@ -57,7 +58,7 @@ impl Core {
             return Ok(());
         }
         let group = format!("{}-rebuild", self.config.group_id);
-        let replay: BaseConsumer = self
+        let replay: BaseConsumer<EndOfPartitionIsNoError> = self
             .config
             .kafka
             .client_config(&[
@@ -66,7 +67,7 @@ impl Core {
                 ("isolation.level", "read_committed"),
                 ("enable.partition.eof", "true"),
             ])
-            .create()
+            .create_with_context(EndOfPartitionIsNoError)
             .map_err(self.kafka_err("creating the rebuild reader"))?;
         let mut times = TopicPartitionList::new();
         for (input, _) in &ends {

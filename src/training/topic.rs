@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Result, TrainingError};
 use crate::codec::{Codec, SCORED_PAYMENT_SCHEMA_JSON};
-use crate::kafka::KafkaArgs;
+use crate::kafka::{EndOfPartitionIsNoError, KafkaArgs};
 use crate::registry::{RegistryConfig, SchemaRegistry, WriterSchemas};
 use crate::Payment;
 
@@ -312,7 +312,7 @@ fn read_window(
         data_err(source, format!("{what} on {}: {e} (is the broker reachable? check --brokers)", source.kafka.brokers))
     };
     let group = format!("fraudstream-trainer-{}", uuid::Uuid::new_v4().simple());
-    let consumer: BaseConsumer = source
+    let consumer: BaseConsumer<EndOfPartitionIsNoError> = source
         .kafka
         .client_config(&[
             ("group.id", &group),
@@ -325,7 +325,7 @@ fn read_window(
             ("max.partition.fetch.bytes", "16777216"),
             ("queued.max.messages.kbytes", "524288"),
         ])
-        .create()
+        .create_with_context(EndOfPartitionIsNoError)
         .map_err(|e| kafka_err("creating a consumer", e))?;
 
     let metadata =
@@ -350,21 +350,29 @@ fn read_window(
     }
 
     // The end of the read: each partition's high watermark now.
-    let mut high = HashMap::new();
+    let (mut low, mut high) = (HashMap::new(), HashMap::new());
     for &p in &partitions {
-        let (_, h) = consumer
+        let (l, h) = consumer
             .fetch_watermarks(&source.topic, p, BROKER_TIMEOUT)
             .map_err(|e| kafka_err(&format!("reading the watermarks of partition {p}"), e))?;
+        low.insert(p, l);
         high.insert(p, h);
     }
-    // The start: the first offset at or after the cutoff (End: none is).
+    // The start: the first offset at or after the cutoff (End: none is). A
+    // window reaching back before 1970 is the whole topic, read from the
+    // beginning without a time lookup (which some brokers, librdkafka's mock
+    // cluster among them, do not answer).
     let mut wanted = TopicPartitionList::new();
     for &p in &partitions {
+        let start = if cutoff_ms <= 0 { low[&p] } else { cutoff_ms };
         wanted
-            .add_partition_offset(&source.topic, p, Offset::Offset(cutoff_ms))
+            .add_partition_offset(&source.topic, p, Offset::Offset(start))
             .map_err(|e| kafka_err("building the offset query", e))?;
     }
-    let starts = consumer.offsets_for_times(wanted, BROKER_TIMEOUT).map_err(|e| kafka_err("offsets_for_times", e))?;
+    let starts = match cutoff_ms <= 0 {
+        true => wanted,
+        false => consumer.offsets_for_times(wanted, BROKER_TIMEOUT).map_err(|e| kafka_err("offsets_for_times", e))?,
+    };
     let mut assignment = TopicPartitionList::new();
     let mut open: HashMap<i32, i64> = HashMap::new();
     for element in starts.elements() {
