@@ -6,7 +6,9 @@
 //! monitor rebuilt the joins it had committed (without writing them again)
 //! and its live precision, recall, AP and ROC-AUC equal an independent
 //! computation over the labelled topic, for the serving version and for the
-//! canary scoring beside it in shadow; bad labels are dead-lettered.
+//! canary scoring beside it in shadow; bad labels are dead-lettered. Then
+//! the trainer retrains on the labelled topic (`kafka://`) and the running
+//! scorer swaps the new version in.
 
 mod common;
 #[path = "faults/harness.rs"]
@@ -40,6 +42,8 @@ impl Monitor {
             .args(["--scored-topic", &format!("{topic}-out"), "--labels-topic", &format!("{topic}-labels")])
             .args(["--labelled-topic", &format!("{topic}-labelled"), "--dlq-topic", &format!("{topic}-labels-dlq")])
             .args(["--http-addr", &format!("127.0.0.1:{port}"), "--commit-interval", "300ms"])
+            // The simulator's event times span half a year, sent in seconds: keep them all.
+            .args(["--label-window", "3650d"])
             .args(["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=1000"])
             .env("RUST_LOG", "info,librdkafka=warn")
             .stdout(Stdio::null())
@@ -163,7 +167,8 @@ async fn monitor_joins_every_label_across_a_crash_and_measures_live_quality() {
         topic: topic.clone(),
         codec: CODEC,
         rate: Some(5_000.0),
-        stamp_event_time: true,
+        // BankSim's days as event time, so the trainer can split the labelled topic by time.
+        stamp_event_time: false,
         labels: Some(LabelStream {
             topic: labels_topic.clone(),
             codec: label_codec,
@@ -320,5 +325,44 @@ async fn monitor_joins_every_label_across_a_crash_and_measures_live_quality() {
         })
         .collect();
     assert_eq!(reasons, ["undecodable", "invalid-label"]);
+
+    // Retraining on what the monitor wrote: every labelled payment once, and
+    // the running scorer swaps the new version in.
+    let retrained = fraudstream::training::run_once(&fraudstream::training::TrainerOptions {
+        data: fraudstream::training::data::DataSource::Kafka(fraudstream::training::topic::LabelledTopic {
+            kafka: kafka.clone(),
+            topic: labelled_topic.clone(),
+            since: Duration::from_secs(3_600),
+            codec: CODEC,
+            registry: None,
+        }),
+        model_store: store.clone(),
+        device: fraudstream::model::Device::Cpu,
+        force: true,
+        train: fraudstream::training::train::TrainConfig { seed: 74, max_epochs: 4, ..Default::default() },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(retrained.label, Some(fraudstream::model::Label::Stable), "{}", retrained.verdict);
+    let manifest = fraudstream::model::ModelStore::open(&store)
+        .await
+        .unwrap()
+        .fetch(&retrained.version, &[], &dir.path().join("retrained"))
+        .await
+        .unwrap()
+        .manifest;
+    let frauds = truth.values().filter(|f| **f).count() as u64;
+    assert_eq!(
+        (manifest.training_data.rows, manifest.training_data.frauds),
+        (want as u64, frauds),
+        "trained on every labelled payment, once"
+    );
+    let version = retrained.version.clone();
+    scorer
+        .wait_until("the retrained version to serve", Duration::from_secs(15), async |s| {
+            format!("{}", s.metric("fraudstream_model_version").await as u64) == version
+        })
+        .await;
     scorer.stop();
 }
