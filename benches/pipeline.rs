@@ -631,7 +631,26 @@ async fn main() {
                 let ((p50, p99), (r50, r99)) = latency_at(&kafka, &store, &cache, rate, 12.0).await;
                 println!("{p50:.1} {p99:.1} {r50:.1} {r99:.1}");
             }
-            other => panic!("BENCH_PHASE is throughput, live-max, latency or trainer-data, not {other:?}"),
+            // Tuning aid: one scorer drain of BENCH_EVENTS, then the monitor over its output.
+            "monitor" => {
+                let input = unique("bench-in");
+                ensure_topics(&kafka, &[&input], 4).await.unwrap();
+                let producer = create_producer(&kafka).unwrap();
+                let options = PublishOptions {
+                    topic: input.clone(),
+                    codec: CODEC,
+                    rate: None,
+                    stamp_event_time: true,
+                    labels: None,
+                };
+                publish_payments(&producer, &options, Simulator::new(events, 7), |_| {}).await.unwrap();
+                let output = unique("bench-out");
+                let config = scorer_config(&kafka, &input, &output, &store, &cache, Pipeline::Scorer);
+                let scorer = drain_topic(config, events).await.rate;
+                let monitor = monitor_drain(&kafka, &output, events).await;
+                println!("scorer {scorer:.0} events/s, monitor {monitor:.0} joins/s ({:.2})", monitor / scorer);
+            }
+            other => panic!("BENCH_PHASE is throughput, live-max, latency, trainer-data or monitor, not {other:?}"),
         }
         return;
     }

@@ -236,6 +236,31 @@ pub fn read_scored_payment(input: &mut &[u8]) -> Result<ScoredPayment, AvroError
     Ok(scored)
 }
 
+/// Where the `fraud` union of the payment that begins `body` (a `Payment`
+/// or `ScoredPayment` body) starts, and how many bytes it takes: the walk
+/// `read_payment` does, without reading anything into memory.
+pub fn payment_fraud_span(body: &[u8]) -> Result<(usize, usize), AvroError> {
+    let mut cursor = body;
+    let mut r = Reader(&mut cursor);
+    r.skip_string("paymentId")?;
+    r.long("eventTime")?;
+    r.int("step")?;
+    for field in ["customer", "age", "gender", "zipcodeOri", "merchant", "zipMerchant", "category"] {
+        r.skip_string(field)?;
+    }
+    r.double("amount")?;
+    let start = body.len() - r.0.len();
+    let length = match r.long("fraud")? {
+        0 => 1,
+        1 => {
+            r.boolean("fraud")?;
+            2
+        }
+        index => return Err(AvroError::InvalidUnionBranch { field: "fraud", index }),
+    };
+    Ok((start, length))
+}
+
 /// Appends a `PaymentLabel` body.
 pub fn write_label(out: &mut Vec<u8>, l: &PaymentLabel) {
     write_string(out, &l.payment_id);
@@ -308,6 +333,12 @@ impl Reader<'_, '_> {
     fn int(&mut self, field: &'static str) -> Result<i32, AvroError> {
         let value = self.long(field)?;
         i32::try_from(value).map_err(|_| AvroError::IntOverflow { field, value })
+    }
+
+    fn skip_string(&mut self, field: &'static str) -> Result<(), AvroError> {
+        let length = self.long(field)?;
+        let n = usize::try_from(length).map_err(|_| AvroError::NegativeLength { field, length })?;
+        self.take(n, field).map(|_| ())
     }
 
     fn string(&mut self, field: &'static str) -> Result<String, AvroError> {

@@ -103,6 +103,38 @@ impl Codec {
         self.decode(bytes, "ScoredPayment", avro::read_scored_payment)
     }
 
+    /// A scored payment in this format, as `bytes` hold it, with
+    /// `payment.fraud` set to `fraud` and this codec's schema id: what
+    /// `encode_scored` would write for the decoded record so labelled. Avro
+    /// bodies are patched in place of decoding and encoding them again.
+    pub fn relabel_scored(&self, bytes: &[u8], fraud: bool) -> Result<Vec<u8>, CodecError> {
+        let name = "ScoredPayment";
+        let body = match self.format {
+            WireFormat::Json => {
+                let mut scored = self.decode_scored(bytes)?;
+                scored.payment.fraud = Some(fraud);
+                return self.encode_scored(&scored);
+            }
+            WireFormat::Avro => bytes,
+            WireFormat::Confluent => match bytes {
+                [CONFLUENT_MAGIC, _, _, _, _, body @ ..] => body,
+                _ => return Err(CodecError::BadHeader(format!("only {} bytes or no magic byte", bytes.len()))),
+            },
+        };
+        let (start, length) =
+            avro::payment_fraud_span(body).map_err(|source| CodecError::Avro { schema: name, source })?;
+        let mut out = Vec::with_capacity(bytes.len() + 6);
+        if self.format == WireFormat::Confluent {
+            out.push(CONFLUENT_MAGIC);
+            out.extend_from_slice(&self.schema_id.to_be_bytes());
+        }
+        out.extend_from_slice(&body[..start]);
+        // Union branch 1 (zig-zag 2), then the boolean.
+        out.extend_from_slice(&[2, u8::from(fraud)]);
+        out.extend_from_slice(&body[start + length..]);
+        Ok(out)
+    }
+
     pub fn encode_label(&self, label: &PaymentLabel) -> Result<Vec<u8>, CodecError> {
         self.encode(label, "PaymentLabel", avro::write_label)
     }
@@ -267,6 +299,29 @@ mod tests {
         assert!(matches!(codec.decode_payment(&good), Err(CodecError::TrailingBytes(1, _))));
     }
 
+    #[test]
+    fn relabelling_writes_what_encoding_the_relabelled_record_writes() {
+        for format in ALL {
+            let (reader, writer) = (Codec::new(format, 3), Codec::new(format, 9));
+            for fraud in [None, Some(false), Some(true)] {
+                let mut s = scored();
+                s.payment.fraud = fraud;
+                let bytes = reader.encode_scored(&s).unwrap();
+                for label in [false, true] {
+                    let relabelled = writer.relabel_scored(&bytes, label).unwrap();
+                    s.payment.fraud = Some(label);
+                    if format == WireFormat::Json {
+                        assert_eq!(writer.decode_scored(&relabelled).unwrap(), s, "{format:?}");
+                    } else {
+                        assert_eq!(relabelled, writer.encode_scored(&s).unwrap(), "{format:?} {fraud:?} -> {label}");
+                    }
+                    s.payment.fraud = fraud;
+                }
+            }
+        }
+        assert!(Codec::new(WireFormat::Confluent, 1).relabel_scored(&[0, 0, 0, 0, 1, 0xff], true).is_err());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
         #[test]
@@ -276,6 +331,7 @@ mod tests {
                 let _ = codec.decode_payment(&bytes);
                 let _ = codec.decode_scored(&bytes);
                 let _ = codec.decode_label(&bytes);
+                let _ = codec.relabel_scored(&bytes, true);
             }
         }
 

@@ -168,15 +168,15 @@ impl Core {
         self.send(&self.config.dead_letter_topic, record.key, record.payload, Some(headers));
     }
 
-    /// Writes one join to the output topic.
-    fn emit(&self, mut scored: ScoredPayment, label: &PaymentLabel) -> Result<(), MonitorError> {
-        scored.payment.fraud = Some(label.fraud);
+    /// Writes one join to the output topic: the scored record as it was
+    /// read (`scored`), with the label's verdict as `payment.fraud`.
+    fn emit(&self, scored: &[u8], label: &PaymentLabel) -> Result<(), MonitorError> {
         let payload = self
             .config
             .codec
-            .encode_scored(&scored)
-            .map_err(|source| MonitorError::Encode { payment_id: scored.payment.payment_id.clone(), source })?;
-        self.send(&self.config.output_topic, Some(scored.payment.customer.as_bytes()), &payload, None);
+            .relabel_scored(scored, label.fraud)
+            .map_err(|source| MonitorError::Encode { payment_id: label.payment_id.clone(), source })?;
+        self.send(&self.config.output_topic, Some(label.customer.as_bytes()), &payload, None);
         Ok(())
     }
 
@@ -226,7 +226,7 @@ impl Core {
                             let served = join.served(&scored.payment.payment_id);
                             self.joined(&served, scored.scored_at, &label, true, live);
                             if live {
-                                self.emit(scored, &label)?;
+                                self.emit(record.payload, &label)?;
                             }
                             Counted::Joined
                         }
@@ -252,7 +252,7 @@ impl Core {
                 let join = self.joins.entry(partition).or_insert_with(|| PartitionJoin::new(limits));
                 // What a join needs of the entry, taken while the join lends it.
                 let joined = |entry: &Entry, label: PaymentLabel| {
-                    let scored = live.then(|| codec.decode_scored(&entry.payload).expect("decoded when it was stored"));
+                    let scored = live.then(|| entry.payload.clone());
                     Some((entry.served.clone(), entry.scored_at, scored, label))
                 };
                 let (found, counted) = match join.on_label(label) {
@@ -264,7 +264,7 @@ impl Core {
                 if let Some((served, scored_at, scored, label)) = found {
                     self.joined(&served, scored_at, &label, counted == Counted::Joined, live);
                     if let Some(scored) = scored {
-                        self.emit(scored, &label)?;
+                        self.emit(&scored, &label)?;
                     }
                 }
                 counted
