@@ -366,3 +366,26 @@ async fn monitor_joins_every_label_across_a_crash_and_measures_live_quality() {
         .await;
     scorer.stop();
 }
+
+/// The join needs both inputs co-partitioned: a labels topic with another
+/// partition count is refused at start, with the fix in the message.
+#[tokio::test]
+async fn a_labels_topic_with_another_partition_count_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = common::kafka();
+    let topic = common::unique("copart");
+    ensure_topics(&kafka, &[&format!("{topic}-out")], 4).await.unwrap();
+    ensure_topics(&kafka, &[&format!("{topic}-labels")], 2).await.unwrap();
+    let mut monitor = Monitor::spawn(&kafka, &topic, &common::unique("monitor"), dir.path());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = monitor.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the monitor kept running:\n{}", monitor.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = monitor.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("has 4 partitions but") && log.contains("has 2") && log.contains("co-partitioned"), "{log}");
+}
