@@ -11,7 +11,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::join::{JoinLimits, PartitionJoin};
+use super::join::PartitionJoin;
 use super::state::{Core, Hooks, Record};
 use super::Input;
 use super::MonitorError;
@@ -34,8 +34,8 @@ impl Core {
     /// emitting (those joins were emitted before the offsets were committed).
     pub(super) fn rebuild(&mut self, consumer: &BaseConsumer<Hooks>, partition: i32) -> Result<(), MonitorError> {
         let started = Instant::now();
-        let window_ms = i64::try_from(self.config.label_window.as_millis()).unwrap_or(i64::MAX);
-        let limits = JoinLimits { window_ms, max_entries: self.config.max_entries };
+        let limits = self.limits();
+        let window_ms = limits.window_ms;
         self.joins.insert(partition, PartitionJoin::new(limits));
         let inputs = [Input::Scored, Input::Labels];
         let mut wanted = TopicPartitionList::new();

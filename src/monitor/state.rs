@@ -185,20 +185,11 @@ impl Core {
     pub(super) fn process(&mut self, input: Input, record: &Record<'_>, live: bool) -> Result<(), MonitorError> {
         let codec = self.config.codec;
         let partition = record.partition;
-        let limits = JoinLimits {
-            window_ms: i64::try_from(self.config.label_window.as_millis()).unwrap_or(i64::MAX),
-            max_entries: self.config.max_entries,
-        };
+        let limits = self.limits();
         let outcome = match input {
             Input::Scored => {
-                let scored = match codec.decode_scored(record.payload) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        if live {
-                            self.dead_letter(input, record, DeadLetterReason::Undecodable, &e.to_string());
-                        }
-                        return Ok(());
-                    }
+                let Some(scored) = self.decoded(input, record, live, |b| codec.decode_scored(b)) else {
+                    return Ok(());
                 };
                 let join = self.joins.entry(partition).or_insert_with(|| PartitionJoin::new(limits));
                 if join.has_scored(&scored.payment.payment_id) {
@@ -234,14 +225,8 @@ impl Core {
                 }
             }
             Input::Labels => {
-                let label = match codec.decode_label(record.payload) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        if live {
-                            self.dead_letter(input, record, DeadLetterReason::Undecodable, &e.to_string());
-                        }
-                        return Ok(());
-                    }
+                let Some(label) = self.decoded(input, record, live, |b| codec.decode_label(b)) else {
+                    return Ok(());
                 };
                 if let Err(e) = label.validate() {
                     if live {
@@ -281,6 +266,34 @@ impl Core {
         self.counts.evictions[1] += evicted.labelled.len() as u64;
         self.counts.evictions[2] += evicted.unmatched_labels;
         Ok(())
+    }
+
+    /// What the join keeps, by the configuration.
+    pub(super) fn limits(&self) -> JoinLimits {
+        JoinLimits {
+            window_ms: i64::try_from(self.config.label_window.as_millis()).unwrap_or(i64::MAX),
+            max_entries: self.config.max_entries,
+        }
+    }
+
+    /// `record` decoded, or, if it does not decode, dead-lettered (when
+    /// processed live; a rebuild skips it, as it was dead-lettered then).
+    fn decoded<T>(
+        &self,
+        input: Input,
+        record: &Record<'_>,
+        live: bool,
+        decode: impl FnOnce(&[u8]) -> Result<T, crate::codec::CodecError>,
+    ) -> Option<T> {
+        match decode(record.payload) {
+            Ok(value) => Some(value),
+            Err(e) => {
+                if live {
+                    self.dead_letter(input, record, DeadLetterReason::Undecodable, &e.to_string());
+                }
+                None
+            }
+        }
     }
 
     /// A shadow version's view of a scored payment, when it carries one.
