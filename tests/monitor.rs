@@ -310,6 +310,9 @@ async fn monitor_joins_every_label_across_a_crash_and_measures_live_quality() {
         aps[1]
     );
     assert_eq!(monitor.metric("fraudstream_monitor_label_coverage", &version).await, 1.0);
+    // Label delays of the joins it wrote live (labels came 1 s after their payments).
+    let delays = monitor.metric("fraudstream_monitor_label_delay_seconds_count", &version).await;
+    assert!(delays == rewritten, "{delays} label delays for {rewritten} joins written");
     // The 500 duplicates were recognised (some may have been processed by the first monitor).
     assert!(monitor.metric("fraudstream_monitor_records_total", "outcome=\"duplicate\"").await >= 1.0);
 

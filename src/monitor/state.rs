@@ -15,6 +15,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::join::{Entry, JoinLimits, Outcome, PartitionJoin, ScoredOutcome, Served};
 use super::quality::Quality;
 use super::{Input, MonitorConfig, MonitorError};
+use crate::codec::CodecError;
 use crate::payment::{PaymentLabel, ScoredPayment};
 use crate::pipeline::{truncate, DeadLetterReason, MAX_ERROR_HEADER_BYTES};
 use crate::telemetry::metric;
@@ -168,14 +169,11 @@ impl Core {
         self.send(&self.config.dead_letter_topic, record.key, record.payload, Some(headers));
     }
 
-    /// Writes one join to the output topic: the scored record as it was
-    /// read (`scored`), with the label's verdict as `payment.fraud`.
-    fn emit(&self, scored: &[u8], label: &PaymentLabel) -> Result<(), MonitorError> {
-        let payload = self
-            .config
-            .codec
-            .relabel_scored(scored, label.fraud)
-            .map_err(|source| MonitorError::Encode { payment_id: label.payment_id.clone(), source })?;
+    /// Writes one join to the output topic: the scored record as it was read,
+    /// relabelled with the label's verdict (`Codec::relabel_scored`).
+    fn emit(&self, relabelled: Result<Vec<u8>, CodecError>, label: &PaymentLabel) -> Result<(), MonitorError> {
+        let payload =
+            relabelled.map_err(|source| MonitorError::Encode { payment_id: label.payment_id.clone(), source })?;
         self.send(&self.config.output_topic, Some(label.customer.as_bytes()), &payload, None);
         Ok(())
     }
@@ -191,16 +189,16 @@ impl Core {
                 let Some(scored) = self.decoded(input, record, live, |b| codec.decode_scored(b)) else {
                     return Ok(());
                 };
+                let mut served = vec![Served {
+                    version: self.intern(&scored.model_version),
+                    probability: scored.fraud_probability,
+                    flagged: scored.is_fraud,
+                }];
+                served.extend(self.shadow_served(&scored));
                 let join = self.joins.entry(partition).or_insert_with(|| PartitionJoin::new(limits));
                 if join.has_scored(&scored.payment.payment_id) {
                     Counted::Duplicate
                 } else {
-                    let mut served = vec![Served {
-                        version: self.intern(&scored.model_version),
-                        probability: scored.fraud_probability,
-                        flagged: scored.is_fraud,
-                    }];
-                    served.extend(self.shadow_served(&scored));
                     self.quality.scored(&served);
                     let entry = Entry {
                         payload: record.payload.into(),
@@ -209,7 +207,6 @@ impl Core {
                         served,
                         label: None,
                     };
-                    let join = self.joins.entry(partition).or_insert_with(|| PartitionJoin::new(limits));
                     match join.on_scored(&scored.payment.payment_id, entry) {
                         ScoredOutcome::Duplicate => Counted::Duplicate,
                         ScoredOutcome::Waiting => Counted::Waiting,
@@ -217,7 +214,7 @@ impl Core {
                             let served = join.served(&scored.payment.payment_id);
                             self.joined(&served, scored.scored_at, &label, true, live);
                             if live {
-                                self.emit(record.payload, &label)?;
+                                self.emit(codec.relabel_scored(record.payload, label.fraud), &label)?;
                             }
                             Counted::Joined
                         }
@@ -237,8 +234,8 @@ impl Core {
                 let join = self.joins.entry(partition).or_insert_with(|| PartitionJoin::new(limits));
                 // What a join needs of the entry, taken while the join lends it.
                 let joined = |entry: &Entry, label: PaymentLabel| {
-                    let scored = live.then(|| entry.payload.clone());
-                    Some((entry.served.clone(), entry.scored_at, scored, label))
+                    let relabelled = live.then(|| codec.relabel_scored(&entry.payload, label.fraud));
+                    Some((entry.served.clone(), entry.scored_at, relabelled, label))
                 };
                 let (found, counted) = match join.on_label(label) {
                     Outcome::Waiting => (None, Counted::Waiting),
@@ -246,10 +243,10 @@ impl Core {
                     Outcome::Joined { entry, label } => (joined(entry, label), Counted::Joined),
                     Outcome::Corrected { entry, label } => (joined(entry, label), Counted::Corrected),
                 };
-                if let Some((served, scored_at, scored, label)) = found {
+                if let Some((served, scored_at, relabelled, label)) = found {
                     self.joined(&served, scored_at, &label, counted == Counted::Joined, live);
-                    if let Some(scored) = scored {
-                        self.emit(&scored, &label)?;
+                    if let Some(relabelled) = relabelled {
+                        self.emit(relabelled, &label)?;
                     }
                 }
                 counted
@@ -283,7 +280,7 @@ impl Core {
         input: Input,
         record: &Record<'_>,
         live: bool,
-        decode: impl FnOnce(&[u8]) -> Result<T, crate::codec::CodecError>,
+        decode: impl FnOnce(&[u8]) -> Result<T, CodecError>,
     ) -> Option<T> {
         match decode(record.payload) {
             Ok(value) => Some(value),
@@ -309,12 +306,10 @@ impl Core {
     fn joined(&mut self, served: &[Served], scored_at: i64, label: &PaymentLabel, first: bool, live: bool) {
         self.quality.labelled(served, label.fraud, first);
         if live {
-            metrics::counter!(metric::MONITOR_JOINS).increment(1);
             self.parts.joins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let delay = (label.labelled_at - scored_at).max(0) as f64 / 1000.0;
             if let Some(serving) = served.first() {
-                metrics::histogram!(metric::MONITOR_LABEL_DELAY_SECONDS, "version" => serving.version.to_string())
-                    .record(delay);
+                let delay = (label.labelled_at - scored_at).max(0) as f64 / 1000.0;
+                self.counts.delays.entry(serving.version.clone()).or_default().push(delay);
             }
         }
     }
@@ -330,7 +325,10 @@ impl Core {
                 }
             }
         }
-        metrics::counter!(metric::MONITOR_JOINS).increment(counts.joins);
+        // Every join written: first labels (from either input) and corrections.
+        let written: u64 =
+            counts.records.iter().map(|r| r[Counted::Joined as usize] + r[Counted::Corrected as usize]).sum();
+        metrics::counter!(metric::MONITOR_JOINS).increment(written);
         for (kind, n) in ["unlabelled", "labelled", "unmatched-label"].into_iter().zip(counts.evictions) {
             if n > 0 {
                 metrics::counter!(metric::MONITOR_EVICTIONS, "kind" => kind).increment(n);
@@ -390,7 +388,6 @@ impl Counted {
 pub(super) struct Counts {
     /// By input (scored, labels), then by `Counted`.
     records: [[u64; 4]; 2],
-    joins: u64,
     /// Unlabelled, labelled, unmatched labels.
     evictions: [u64; 3],
     /// Label delays in seconds, by serving version.
