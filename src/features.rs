@@ -289,6 +289,41 @@ impl FeatureEncoder {
         self.spec.history.is_some()
     }
 
+    /// Whether `payment` encodes (what the stream scores, and so what counts
+    /// as a customer's history), without writing a row.
+    pub fn accepts(&self, payment: &Payment) -> bool {
+        self.base(payment).is_ok()
+    }
+
+    /// The payment's one-hot positions (category, age, gender) and scaled
+    /// amount, or why it cannot be encoded.
+    fn base(&self, payment: &Payment) -> Result<([usize; 3], f32), EncodeError> {
+        payment.validate()?;
+        let lookup = |vocab: &[String], value: &str, field: &'static str| {
+            vocab.iter().position(|v| v == value).ok_or_else(|| EncodeError::UnknownValue {
+                payment_id: payment.payment_id.clone(),
+                field,
+                value: value.to_string(),
+                known: vocab.join(","),
+            })
+        };
+        let category = lookup(&self.spec.categories, &payment.category, "category")?;
+        let age = lookup(&self.spec.ages, &payment.age, "age")?;
+        let gender = lookup(&self.spec.genders, &payment.gender, "gender")?;
+        let scaled = (payment.amount - self.spec.amount_min) * self.amount_scale;
+        let amount = if self.spec.amount_clip { scaled.min(1.0) } else { scaled } as f32;
+        // Finite in f64 is not enough: the cast to f32 overflows to inf, and
+        // the model's NaN would then slip past `p >= threshold` unflagged.
+        if !amount.is_finite() {
+            return Err(EncodeError::NonFiniteFeature {
+                payment_id: payment.payment_id.clone(),
+                amount: payment.amount,
+                value: amount,
+            });
+        }
+        Ok(([category, age, gender], amount))
+    }
+
     /// Writes the features of `payment` into `row` (length `width()`); for a
     /// spec with history features, see `encode_with`.
     pub fn encode_into(&self, payment: &Payment, row: &mut [f32]) -> Result<(), EncodeError> {
@@ -304,30 +339,9 @@ impl FeatureEncoder {
         row: &mut [f32],
     ) -> Result<(), EncodeError> {
         assert_eq!(row.len(), self.width(), "feature row has the wrong width");
-        payment.validate()?;
-        let lookup = |vocab: &[String], value: &str, field: &'static str| {
-            vocab.iter().position(|v| v == value).ok_or_else(|| EncodeError::UnknownValue {
-                payment_id: payment.payment_id.clone(),
-                field,
-                value: value.to_string(),
-                known: vocab.join(","),
-            })
-        };
-        let category = lookup(&self.spec.categories, &payment.category, "category")?;
-        let age = lookup(&self.spec.ages, &payment.age, "age")?;
-        let gender = lookup(&self.spec.genders, &payment.gender, "gender")?;
+        let ([category, age, gender], amount) = self.base(payment)?;
         row.fill(0.0);
-        let scaled = (payment.amount - self.spec.amount_min) * self.amount_scale;
-        row[0] = if self.spec.amount_clip { scaled.min(1.0) } else { scaled } as f32;
-        // Finite in f64 is not enough: the cast to f32 overflows to inf, and
-        // the model's NaN would then slip past `p >= threshold` unflagged.
-        if !row[0].is_finite() {
-            return Err(EncodeError::NonFiniteFeature {
-                payment_id: payment.payment_id.clone(),
-                amount: payment.amount,
-                value: row[0],
-            });
-        }
+        row[0] = amount;
         let mut offset = 1;
         row[offset + category] = 1.0;
         offset += self.spec.categories.len();

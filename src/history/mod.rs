@@ -34,11 +34,14 @@
 //! trainer from its training window (`MerchantRates`) and shipped in the
 //! model's feature spec.
 
+mod online;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
 use crate::payment::{Payment, STEP_MS};
+pub use online::{OnlineHistory, Position, Replay, ReplayError};
 
 /// The windows, in steps (days of event time).
 pub const WINDOWS: [i64; 3] = [1, 7, 30];
@@ -205,6 +208,11 @@ impl HistoryState {
         let cutoff = self.latest - HORIZON_MS - LATENESS_STEPS * STEP_MS;
         self.customers.retain(|_, h| h.latest > cutoff);
         self.swept = self.latest;
+    }
+
+    /// Whether `customer` has history here.
+    pub fn knows(&self, customer: &str) -> bool {
+        self.customers.contains_key(customer)
     }
 
     /// Customers held.
