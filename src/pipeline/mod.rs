@@ -46,6 +46,7 @@ pub use batcher::{BatchPolicy, Batcher};
 pub use failure::{Failure, PipelineFailure};
 pub use guard::{DeadLetterGuard, GuardLimits};
 pub use offsets::OffsetTracker;
+pub use replay::{Decode, KafkaReplay};
 pub use sink::{truncate, DeadLetterReason, MAX_ERROR_HEADER_BYTES};
 pub use ticket::{Acks, InFlightLimits, Ticket};
 pub use transaction::{default_transactional_id, TransactionConfig};
