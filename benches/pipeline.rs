@@ -28,11 +28,11 @@ use std::time::{Duration, Instant};
 
 use fraudstream::api::{router, ApiState};
 use fraudstream::codec::{Codec, WireFormat};
+use fraudstream::features::FeatureSet;
+use fraudstream::history::{HistoryState, Replay};
 use fraudstream::kafka::{ensure_topics, KafkaArgs};
 use fraudstream::model::{Label, Model, ModelStore, MODEL_FILE};
 use fraudstream::model_watch::WatchConfig;
-use fraudstream::features::FeatureSet;
-use fraudstream::history::{HistoryState, Replay};
 use fraudstream::pipeline::{Delivery, KafkaReplay, PipelineConfig, TransactionConfig};
 use fraudstream::produce::{create_producer, publish_payments, PublishOptions};
 use fraudstream::scorer::{ScorerConfig, ScorerParts};

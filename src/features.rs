@@ -267,13 +267,36 @@ pub enum EncodeError {
 pub struct FeatureEncoder {
     spec: FeatureSpec,
     amount_scale: f64,
+    /// The history spec's merchant rates as the model sees them, hashed.
+    rates: Option<RateTable>,
+}
+
+/// `MerchantRates::rate` as f32, looked up by hash instead of by tree.
+#[derive(Debug, Clone)]
+struct RateTable {
+    merchants: foldhash::HashMap<String, f32>,
+    categories: foldhash::HashMap<String, f32>,
+    overall: f32,
+}
+
+impl RateTable {
+    fn new(rates: &MerchantRates) -> Self {
+        let table =
+            |m: &std::collections::BTreeMap<String, f64>| m.iter().map(|(k, v)| (k.clone(), *v as f32)).collect();
+        Self { merchants: table(&rates.merchants), categories: table(&rates.categories), overall: rates.overall as f32 }
+    }
+
+    fn rate(&self, merchant: &str, category: &str) -> f32 {
+        self.merchants.get(merchant).or_else(|| self.categories.get(category)).copied().unwrap_or(self.overall)
+    }
 }
 
 impl FeatureEncoder {
     pub fn new(spec: FeatureSpec) -> Self {
         let range = spec.amount_max - spec.amount_min;
         let amount_scale = if range > 0.0 { 1.0 / range } else { 1.0 };
-        Self { spec, amount_scale }
+        let rates = spec.history.as_ref().map(|h| RateTable::new(&h.merchant_rates));
+        Self { spec, amount_scale, rates }
     }
 
     pub fn width(&self) -> usize {
@@ -349,11 +372,11 @@ impl FeatureEncoder {
         offset += self.spec.ages.len();
         row[offset + gender] = 1.0;
         offset += self.spec.genders.len();
-        if let Some(spec) = &self.spec.history {
+        if let Some(rates) = &self.rates {
             let history =
                 history.ok_or_else(|| EncodeError::MissingHistory { payment_id: payment.payment_id.clone() })?;
             row[offset..offset + CUSTOMER_WIDTH].copy_from_slice(&history.0);
-            row[offset + CUSTOMER_WIDTH] = spec.merchant_rates.rate(&payment.merchant, &payment.category) as f32;
+            row[offset + CUSTOMER_WIDTH] = rates.rate(&payment.merchant, &payment.category);
         }
         Ok(())
     }
