@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::features::{FeatureGroup, FeatureSpec};
+use crate::features::FeatureSpec;
 use crate::payment::Payment;
 
 /// What to do with a payment.
@@ -117,7 +117,7 @@ pub const MAX_REASONS: usize = 3;
 /// Appends to `out` one row per feature group: `row` with that group's
 /// columns replaced by `reference`'s.
 pub fn occluded_rows(spec: &FeatureSpec, row: &[f32], reference: &[f32], out: &mut Vec<f32>) {
-    for group in FeatureGroup::ALL {
+    for &group in spec.groups() {
         let start = out.len();
         out.extend_from_slice(row);
         let columns = spec.columns(group);
@@ -126,14 +126,15 @@ pub fn occluded_rows(spec: &FeatureSpec, row: &[f32], reference: &[f32], out: &m
 }
 
 /// The reasons for `payment` scored `p_fraud`, given the scores of its
-/// `occluded_rows` (one per group, in `FeatureGroup::ALL` order).
-pub fn reasons(payment: &Payment, p_fraud: f32, occluded: &[f32]) -> Vec<Reason> {
-    let mut reasons: Vec<Reason> = FeatureGroup::ALL
+/// `occluded_rows` of its encoded `row` (one per group of `spec`, in order).
+pub fn reasons(spec: &FeatureSpec, payment: &Payment, row: &[f32], p_fraud: f32, occluded: &[f32]) -> Vec<Reason> {
+    let mut reasons: Vec<Reason> = spec
+        .groups()
         .iter()
         .zip(occluded)
         .map(|(group, without)| Reason {
             feature: group.name().to_string(),
-            value: group.value(payment),
+            value: group.value(spec, payment, row),
             contribution: f64::from(p_fraud) - f64::from(*without),
         })
         .collect();
@@ -184,6 +185,8 @@ mod tests {
         assert!(bands(0.2, 1.5).check().is_err());
     }
 
+    use crate::features::FeatureGroup;
+
     #[test]
     fn occluded_rows_replace_one_group_each() {
         let spec = FeatureSpec::demo();
@@ -204,7 +207,9 @@ mod tests {
     #[test]
     fn reasons_are_differences_sorted_and_cut() {
         let payment = crate::Simulator::new(1, 1).next().unwrap();
-        let r = reasons(&payment, 0.9, &[0.5, 0.95, 0.8, 0.9]);
+        let spec = FeatureSpec::demo();
+        let row = crate::FeatureEncoder::new(spec.clone()).encode(&payment).unwrap();
+        let r = reasons(&spec, &payment, &row, 0.9, &[0.5, 0.95, 0.8, 0.9]);
         let got: Vec<(&str, f64)> =
             r.iter().map(|r| (r.feature.as_str(), (r.contribution * 1e6).round() / 1e6)).collect();
         assert_eq!(got, vec![("amount", 0.4), ("age", 0.1), ("gender", 0.0)]);

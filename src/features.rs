@@ -134,11 +134,18 @@ pub enum FeatureGroup {
     Category,
     Age,
     Gender,
+    /// The customer features of the history set.
+    CustomerHistory,
+    /// The merchant's fraud rate (history set).
+    Merchant,
 }
 
 impl FeatureGroup {
-    /// Every group, in feature order.
+    /// The payment's own groups, in feature order: every spec has them.
     pub const ALL: [FeatureGroup; 4] = [Self::Amount, Self::Category, Self::Age, Self::Gender];
+    /// The groups of the history set, in feature order.
+    pub const WITH_HISTORY: [FeatureGroup; 6] =
+        [Self::Amount, Self::Category, Self::Age, Self::Gender, Self::CustomerHistory, Self::Merchant];
 
     /// The name reasons carry.
     pub fn name(self) -> &'static str {
@@ -147,16 +154,25 @@ impl FeatureGroup {
             Self::Category => "category",
             Self::Age => "age",
             Self::Gender => "gender",
+            Self::CustomerHistory => "customer_history",
+            Self::Merchant => "merchant",
         }
     }
 
-    /// The payment's value of this group, as reasons show it.
-    pub fn value(self, payment: &Payment) -> String {
+    /// The payment's value of this group, as reasons show it; the history
+    /// groups read theirs from the payment's encoded `row` (of `spec`).
+    pub fn value(self, spec: &FeatureSpec, payment: &Payment, row: &[f32]) -> String {
+        let column = |i: usize| row.get(spec.columns(self).start + i).copied().unwrap_or(f32::NAN);
+        let count = |i: usize| (f64::from(column(i)).exp_m1()).round();
         match self {
             Self::Amount => format!("{:.2}", payment.amount),
             Self::Category => payment.category.clone(),
             Self::Age => payment.age.clone(),
             Self::Gender => payment.gender.clone(),
+            Self::CustomerHistory => {
+                format!("{} payments in the last day, {} in 7 days, {} in 30 days", count(0), count(1), count(2))
+            }
+            Self::Merchant => format!("{} ({:.1}% fraud in training)", payment.merchant, 100.0 * column(0)),
         }
     }
 }
@@ -193,11 +209,23 @@ impl FeatureSpec {
     /// The features of `group`: a range of column indices.
     pub fn columns(&self, group: FeatureGroup) -> std::ops::Range<usize> {
         let (c, a, g) = (self.categories.len(), self.ages.len(), self.genders.len());
+        let payment = 1 + c + a + g;
         match group {
             FeatureGroup::Amount => 0..1,
             FeatureGroup::Category => 1..1 + c,
             FeatureGroup::Age => 1 + c..1 + c + a,
-            FeatureGroup::Gender => 1 + c + a..1 + c + a + g,
+            FeatureGroup::Gender => 1 + c + a..payment,
+            FeatureGroup::CustomerHistory => payment..payment + CUSTOMER_WIDTH,
+            FeatureGroup::Merchant => payment + CUSTOMER_WIDTH..payment + HISTORY_WIDTH,
+        }
+    }
+
+    /// This spec's groups, in feature order: what reasons are given for.
+    pub fn groups(&self) -> &'static [FeatureGroup] {
+        if self.history.is_some() {
+            &FeatureGroup::WITH_HISTORY
+        } else {
+            &FeatureGroup::ALL
         }
     }
 
@@ -510,7 +538,11 @@ mod tests {
             ("amount_scaled", "category=es_barsandrestaurants", "gender=U")
         );
         let p = payment("es_food", "3", "M", 12.5);
-        assert_eq!(FeatureGroup::ALL.map(|g| g.value(&p)), ["12.50", "es_food", "3", "M"].map(String::from));
+        let row = FeatureEncoder::new(spec.clone()).encode(&p).unwrap();
+        assert_eq!(
+            FeatureGroup::ALL.map(|g| g.value(&spec, &p, &row)),
+            ["12.50", "es_food", "3", "M"].map(String::from)
+        );
     }
 
     #[test]
@@ -551,6 +583,18 @@ mod tests {
         let mut row28 = vec![0.0; 28];
         base.encode_with(&p, Some(&history), &mut row28).unwrap();
         assert_eq!(&row28[..], &row[..28]);
+        // The history set's groups cover its columns, in order, and read their values from the row.
+        let groups = spec.groups();
+        assert_eq!(groups.len(), 6);
+        assert_eq!(spec.columns(groups[4]), 28..38);
+        assert_eq!(spec.columns(groups[5]), 38..39);
+        let mut counted = row.clone();
+        counted[28..31].copy_from_slice(&[2f32.ln_1p(), 5f32.ln_1p(), 9f32.ln_1p()]);
+        assert_eq!(
+            FeatureGroup::CustomerHistory.value(&spec, &p, &counted),
+            "2 payments in the last day, 5 in 7 days, 9 in 30 days"
+        );
+        assert!(FeatureGroup::Merchant.value(&spec, &p, &row).starts_with("M1 ("));
         assert!(!serde_json::to_string(&FeatureSpec::demo()).unwrap().contains("history"));
     }
 }

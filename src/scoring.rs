@@ -870,7 +870,7 @@ fn explain(
 ) -> Result<Vec<Vec<Vec<Reason>>>, ScoringError> {
     let reference = &model.manifest().feature_reference;
     let width = info.feature_spec.width();
-    let groups = crate::features::FeatureGroup::ALL.len();
+    let groups = info.feature_spec.groups().len();
     let mut wanted: Vec<(usize, usize, usize)> = Vec::new(); // (job, payment, row)
     for (j, (job, slots)) in jobs.iter().zip(encoded).enumerate() {
         let Job::Payments(_, _, explain, ..) = job else { continue };
@@ -898,7 +898,8 @@ fn explain(
         let without: Vec<f32> = scores[i * groups..(i + 1) * groups].iter().map(|o| o[1]).collect();
         let per_job = &mut reasons[j];
         per_job.resize_with(payments.len(), Vec::new);
-        per_job[k] = crate::decision::reasons(&payments[k], outputs[row][1], &without);
+        let encoded = &features[row * width..(row + 1) * width];
+        per_job[k] = crate::decision::reasons(&info.feature_spec, &payments[k], encoded, outputs[row][1], &without);
     }
     Ok(reasons)
 }

@@ -80,6 +80,48 @@ async fn rest_reads_the_history_without_recording(model: &Model, sent: &[Payment
     want
 }
 
+/// The reasons for `payment` computed here from the trainer's `row`: each of
+/// the six groups' columns replaced by the training reference, the score
+/// difference, the top three.
+fn reasons_on_the_trainers_row(model: &Model, payment: &Payment, row: &[f32]) -> Vec<(String, String, f64)> {
+    let count = |x: f32| f64::from(x).exp_m1().round();
+    let groups: [(&str, std::ops::Range<usize>, String); 6] = [
+        ("amount", 0..1, format!("{:.2}", payment.amount)),
+        ("category", 1..16, payment.category.clone()),
+        ("age", 16..24, payment.age.clone()),
+        ("gender", 24..28, payment.gender.clone()),
+        (
+            "customer_history",
+            28..38,
+            format!(
+                "{} payments in the last day, {} in 7 days, {} in 30 days",
+                count(row[28]),
+                count(row[29]),
+                count(row[30])
+            ),
+        ),
+        ("merchant", 38..39, format!("{} ({:.1}% fraud in training)", payment.merchant, 100.0 * row[38])),
+    ];
+    let reference = &model.manifest().feature_reference;
+    let mut rows = row.to_vec();
+    for (_, columns, _) in &groups {
+        let mut copy = row.to_vec();
+        copy[columns.clone()].copy_from_slice(&reference[columns.clone()]);
+        rows.extend(copy);
+    }
+    let scores = model.predict(&rows, 7).unwrap();
+    let mut reasons: Vec<(String, String, f64)> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _, value))| {
+            (name.to_string(), value.clone(), f64::from(scores[0][1]) - f64::from(scores[i + 1][1]))
+        })
+        .collect();
+    reasons.sort_by(|a, b| b.2.total_cmp(&a.2));
+    reasons.truncate(3);
+    reasons
+}
+
 /// Every line of the feature logs in `dir` (a line cut short by `kill -9` is skipped).
 fn feature_lines(dir: &Path) -> (Vec<FeatureLine>, usize) {
     let (mut lines, mut cut) = (Vec::new(), 0);
@@ -194,7 +236,7 @@ async fn online_features_equal_the_trainers_across_a_rebalance_a_crash_and_a_res
 
     // And every output's score is the model's on the trainer's features.
     let scores = model.fraud_probabilities(&expected, sent.len()).unwrap();
-    let mut checked = 0;
+    let (mut checked, mut explained, mut by_history) = (0, 0, 0);
     for m in &outputs {
         let s = CODEC.decode_scored(rdkafka::Message::payload(m).unwrap()).unwrap();
         let want = f64::from(scores[index[s.payment.payment_id.as_str()]]);
@@ -204,8 +246,17 @@ async fn online_features_equal_the_trainers_across_a_rebalance_a_crash_and_a_res
             s.payment.payment_id,
             s.fraud_probability
         );
+        if !s.reasons.is_empty() {
+            let i = index[s.payment.payment_id.as_str()];
+            let expected = reasons_on_the_trainers_row(&model, &s.payment, &expected[i * width..(i + 1) * width]);
+            common::assert_reasons(&s.reasons, &expected, &format!("payment {}", s.payment.payment_id));
+            explained += 1;
+            by_history += usize::from(s.reasons.iter().any(|r| r.feature == "customer_history"));
+        }
         checked += 1;
     }
+    println!("{explained} outputs with reasons, {by_history} of them naming the customer's history");
+    assert!(explained > 0 && by_history > 0, "no reasons ({explained}), or none from the history ({by_history})");
     assert!(checked >= sent.len());
     assert!(rest > 0.0);
 }
