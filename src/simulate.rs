@@ -416,10 +416,18 @@ impl Simulator {
             let amount = self.legit_amount[category].sample(rng);
             (category, customer, amount, self.legit_merchant[category].sample(rng))
         };
+        // The step's day cut into equal slots, one per payment in emission
+        // order, and a time drawn within the payment's own slot: times never
+        // go backwards in the stream (the scorer's order and the trainer's
+        // event-time sort agree), with one draw per row as before.
+        let size = self.step_sizes[self.step as usize] as i64;
+        let slot = size - 1 - self.left_in_step as i64;
+        let start = slot * STEP_MS / size;
+        let end = ((slot + 1) * STEP_MS / size).max(start + 1);
         let row = SimRow {
             index: self.produced,
             step: self.step,
-            time_of_day_ms: rng.random_range(0..STEP_MS),
+            time_of_day_ms: start + rng.random_range(0..end - start),
             customer,
             category: category as u8,
             merchant: merchant as u8,
@@ -564,6 +572,25 @@ mod tests {
 
     fn within(actual: f64, expected: f64, rel: f64, abs: f64) -> bool {
         (actual - expected).abs() <= (expected.abs() * rel).max(abs)
+    }
+
+    /// Event time never goes backwards in emission order, so streaming the
+    /// payments and sorting them by event time see the same sequence.
+    #[test]
+    fn event_times_are_non_decreasing_over_a_run() {
+        for (rows, seed) in [(20_000, 1), (1_000, 2), (180, 3), (50, 4)] {
+            let mut sim = Simulator::new(rows, seed);
+            let mut last = i64::MIN;
+            let mut n = 0;
+            while let Some(row) = sim.next_row() {
+                let time = sim.payment(&row).event_time;
+                assert!(time >= last, "row {} goes back in time: {time} < {last}", row.index);
+                assert!((0..STEP_MS).contains(&row.time_of_day_ms));
+                last = time;
+                n += 1;
+            }
+            assert_eq!(n, rows);
+        }
     }
 
     /// The calibration check: a full-size run against STATISTICS.md.
