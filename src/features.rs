@@ -15,9 +15,16 @@
 //!
 //! Features come in groups (`FeatureGroup`): the amount, and each one-hot
 //! block. Reason codes are given per group.
+//!
+//! A second feature set (`FeatureSet::History`, chosen by the trainer) appends
+//! the customer's history (`history::CUSTOMER_FEATURES`, computed from the
+//! customer's earlier payments by `history`) and the merchant's smoothed fraud
+//! rate from the training window (`HistorySpec::merchant_rates`). Its spec
+//! records which definition it was trained with (`HistorySpec::version`).
 
 use serde::{Deserialize, Serialize};
 
+use crate::history::{CustomerFeatures, MerchantRates, CUSTOMER_FEATURES, CUSTOMER_WIDTH};
 use crate::payment::Payment;
 
 /// Features per payment: the serving signature's input width.
@@ -62,6 +69,45 @@ pub struct FeatureSpec {
     /// fixed scale have no such field and did not clip).
     #[serde(default)]
     pub amount_clip: bool,
+    /// The history features after the 28 (`FeatureSet::History`); absent in
+    /// the default set, whose manifests stay as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistorySpec>,
+}
+
+/// What the history feature set adds: the customer features of
+/// `history` (definition `version`) and the merchant's fraud rate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistorySpec {
+    /// The definition of the customer features (`HISTORY_VERSION` today); a
+    /// scorer refuses a version it does not compute.
+    pub version: u32,
+    pub merchant_rates: MerchantRates,
+}
+
+/// The definition of the customer features this build computes.
+pub const HISTORY_VERSION: u32 = 1;
+/// Columns the history feature set adds: the customer features and the merchant's rate.
+pub const HISTORY_WIDTH: usize = CUSTOMER_WIDTH + 1;
+
+/// Which features a trainer builds a model on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureSet {
+    /// The original demo's 28 features of the payment alone (the TF Serving contract).
+    Payment,
+    /// The 28, then the customer's history and the merchant's fraud rate.
+    History,
+}
+
+impl crate::choice::Choice for FeatureSet {
+    const CHOICES: &'static [(Self, &'static str, &'static str)] = &[
+        (Self::Payment, "payment", "the original demo's 28 features of the payment alone"),
+        (
+            Self::History,
+            "history",
+            "the 28, then the customer's last 1/7/30 days and the merchant's fraud rate (39 features)",
+        ),
+    ];
 }
 
 /// How the trainer sets the amount range.
@@ -126,6 +172,7 @@ impl FeatureSpec {
             amount_min,
             amount_max,
             amount_clip: false,
+            history: None,
         }
     }
 
@@ -164,6 +211,10 @@ impl FeatureSpec {
         ] {
             names.extend(vocab.iter().map(|v| format!("{}={v}", group.name())));
         }
+        if self.history.is_some() {
+            names.extend(CUSTOMER_FEATURES.iter().map(|n| n.to_string()));
+            names.push("merchant_fraud_rate".to_string());
+        }
         names
     }
 
@@ -181,7 +232,14 @@ impl FeatureSpec {
 
     /// Number of features a payment encodes to.
     pub fn width(&self) -> usize {
-        1 + self.categories.len() + self.ages.len() + self.genders.len()
+        let history = if self.history.is_some() { HISTORY_WIDTH } else { 0 };
+        1 + self.categories.len() + self.ages.len() + self.genders.len() + history
+    }
+
+    /// This spec with the history features, merchant rates learned from `train`.
+    pub fn with_history<'a>(self, train: impl IntoIterator<Item = &'a Payment>) -> Self {
+        let merchant_rates = MerchantRates::fit(train, crate::history::DEFAULT_PRIOR);
+        Self { history: Some(HistorySpec { version: HISTORY_VERSION, merchant_rates }), ..self }
     }
 }
 
@@ -197,6 +255,11 @@ pub enum EncodeError {
          which the model cannot score; amounts must stay below about 3.4e38"
     )]
     NonFiniteFeature { payment_id: String, amount: f64, value: f32 },
+    #[error(
+        "payment {payment_id:?}: the model's features include the customer's history, and none was given \
+         (score it through the scoring service, which keeps the history, or encode with `encode_all`)"
+    )]
+    MissingHistory { payment_id: String },
 }
 
 /// Encodes payments into feature rows according to a `FeatureSpec`.
@@ -221,8 +284,25 @@ impl FeatureEncoder {
         &self.spec
     }
 
-    /// Writes the features of `payment` into `row` (length `width()`).
+    /// Whether rows need the customer's history (`encode_with`).
+    pub fn needs_history(&self) -> bool {
+        self.spec.history.is_some()
+    }
+
+    /// Writes the features of `payment` into `row` (length `width()`); for a
+    /// spec with history features, see `encode_with`.
     pub fn encode_into(&self, payment: &Payment, row: &mut [f32]) -> Result<(), EncodeError> {
+        self.encode_with(payment, None, row)
+    }
+
+    /// Writes the features of `payment`, with the customer's `history` where
+    /// the spec has history features (ignored where it has not).
+    pub fn encode_with(
+        &self,
+        payment: &Payment,
+        history: Option<&CustomerFeatures>,
+        row: &mut [f32],
+    ) -> Result<(), EncodeError> {
         assert_eq!(row.len(), self.width(), "feature row has the wrong width");
         payment.validate()?;
         let lookup = |vocab: &[String], value: &str, field: &'static str| {
@@ -254,6 +334,13 @@ impl FeatureEncoder {
         row[offset + age] = 1.0;
         offset += self.spec.ages.len();
         row[offset + gender] = 1.0;
+        offset += self.spec.genders.len();
+        if let Some(spec) = &self.spec.history {
+            let history =
+                history.ok_or_else(|| EncodeError::MissingHistory { payment_id: payment.payment_id.clone() })?;
+            row[offset..offset + CUSTOMER_WIDTH].copy_from_slice(&history.0);
+            row[offset + CUSTOMER_WIDTH] = spec.merchant_rates.rate(&payment.merchant, &payment.category) as f32;
+        }
         Ok(())
     }
 
@@ -265,17 +352,26 @@ impl FeatureEncoder {
     }
 
     /// Appends the rows of `payments` to `out` (row-major), for batch scoring
-    /// and training.
-    pub fn encode_all<'a>(
+    /// and training. With history features, `payments` are their own
+    /// history (`history::offline`): a whole stream, not a sample of one.
+    pub fn encode_all(&self, payments: &[Payment], out: &mut Vec<f32>) -> Result<(), EncodeError> {
+        let history = self.needs_history().then(|| crate::history::offline(payments));
+        self.encode_all_with(payments, history.as_deref(), out)
+    }
+
+    /// Appends the rows of `payments`, the i-th with `history[i]` (where the
+    /// spec has history features).
+    pub fn encode_all_with(
         &self,
-        payments: impl IntoIterator<Item = &'a Payment>,
+        payments: &[Payment],
+        history: Option<&[CustomerFeatures]>,
         out: &mut Vec<f32>,
     ) -> Result<(), EncodeError> {
         let width = self.width();
-        for payment in payments {
+        for (i, payment) in payments.iter().enumerate() {
             let start = out.len();
             out.resize(start + width, 0.0);
-            if let Err(e) = self.encode_into(payment, &mut out[start..]) {
+            if let Err(e) = self.encode_with(payment, history.map(|h| &h[i]), &mut out[start..]) {
                 out.truncate(start);
                 return Err(e);
             }
@@ -391,5 +487,33 @@ mod tests {
         FeatureEncoder::new(spec).encode_all(&rows, &mut out).unwrap();
         assert_eq!(out.len(), 56);
         assert_eq!((out[0], out[28]), (0.0, 1.0));
+    }
+
+    #[test]
+    fn the_history_set_appends_customer_features_and_the_merchant_rate() {
+        let mut train = vec![payment("es_food", "3", "M", 10.0), payment("es_food", "3", "M", 30.0)];
+        train[0].fraud = Some(true);
+        train[1].fraud = Some(false);
+        let spec = FeatureSpec::demo().with_history(&train);
+        assert_eq!(spec.width(), 28 + HISTORY_WIDTH);
+        assert_eq!(spec.feature_names().len(), spec.width());
+        assert_eq!(spec.feature_names()[38], "merchant_fraud_rate");
+        let back: FeatureSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+        let encoder = FeatureEncoder::new(spec.clone());
+        let p = payment("es_food", "3", "M", 20.0);
+        assert!(matches!(encoder.encode(&p), Err(EncodeError::MissingHistory { .. })));
+        let history = crate::history::CustomerFeatures([0.5; CUSTOMER_WIDTH]);
+        let mut row = vec![0.0; encoder.width()];
+        encoder.encode_with(&p, Some(&history), &mut row).unwrap();
+        assert_eq!(&row[28..38], &[0.5; CUSTOMER_WIDTH]);
+        let rate = spec.history.as_ref().unwrap().merchant_rates.rate("M1", "es_food");
+        assert_eq!(row[38], rate as f32);
+        // The base set ignores history, and its manifests do not mention it.
+        let base = FeatureEncoder::new(FeatureSpec::demo());
+        let mut row28 = vec![0.0; 28];
+        base.encode_with(&p, Some(&history), &mut row28).unwrap();
+        assert_eq!(&row28[..], &row[..28]);
+        assert!(!serde_json::to_string(&FeatureSpec::demo()).unwrap().contains("history"));
     }
 }

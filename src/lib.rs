@@ -2,7 +2,7 @@
 //!
 //! One library holds the domain; the `fraudstream` and `fraudstream-trainer`
 //! binaries are thin command lines over it. Lower modules never import
-//! higher ones: `payment`, `codec`, `features`, `simulate` and `drift` are the
+//! higher ones: `payment`, `codec`, `features`, `history`, `simulate` and `drift` are the
 //! ground floor (no Kafka, no torch); `model` stands on `features`; `kafka` and the
 //! pipeline stand on `model`.
 
@@ -14,6 +14,7 @@ pub mod decision;
 pub mod demo;
 pub mod drift;
 pub mod features;
+pub mod history;
 pub mod kafka;
 pub mod lifecycle;
 pub mod model;

@@ -143,9 +143,22 @@ impl Model {
     }
 
     /// Scores payments directly (encoding them first); for tools and tests.
+    /// With history features, `payments` are their own history (a whole stream).
     pub fn score_payments(&self, payments: &[Payment]) -> Result<Vec<f32>, crate::Error> {
         let mut features = Vec::with_capacity(payments.len() * self.encoder.width());
         self.encoder.encode_all(payments, &mut features)?;
+        Ok(self.fraud_probabilities(&features, payments.len())?)
+    }
+
+    /// Scores payments with their customer features given (`history::offline`
+    /// over a longer stream); ignored by a model without history features.
+    pub fn score_payments_with(
+        &self,
+        payments: &[Payment],
+        history: &[crate::history::CustomerFeatures],
+    ) -> Result<Vec<f32>, crate::Error> {
+        let mut features = Vec::with_capacity(payments.len() * self.encoder.width());
+        self.encoder.encode_all_with(payments, Some(history), &mut features)?;
         Ok(self.fraud_probabilities(&features, payments.len())?)
     }
 
@@ -153,10 +166,20 @@ impl Model {
     /// that sum to 1. Also warms the module up.
     fn validate(&self) -> Result<(), ModelError> {
         let invalid = |reason: String| ModelError::Invalid { version: self.version().into(), reason };
-        if self.encoder.width() != 28 {
+        let spec = self.encoder.spec();
+        let want = 28 + if spec.history.is_some() { crate::features::HISTORY_WIDTH } else { 0 };
+        if self.encoder.width() != want {
             return Err(invalid(format!(
-                "feature spec has width {}, the serving signature needs 28",
+                "feature spec has width {}, the serving signature needs {want}",
                 self.encoder.width()
+            )));
+        }
+        if let Some(history) = spec.history.as_ref().filter(|h| h.version != crate::features::HISTORY_VERSION) {
+            return Err(invalid(format!(
+                "it was trained on customer history features of definition {}, this scorer computes definition {}: \
+                 run a scorer of the trainer's release, or retrain with this one",
+                history.version,
+                crate::features::HISTORY_VERSION
             )));
         }
         let golden: Vec<Payment> = crate::simulate::Simulator::new(64, 1).collect();

@@ -21,7 +21,8 @@ use crate::{FeatureEncoder, FeatureSpec, Payment};
 use serde_json::json;
 
 use crate::drift::DriftReference;
-use crate::features::AmountScale;
+use crate::features::{AmountScale, FeatureSet};
+use crate::history::CustomerFeatures;
 use crate::model::Label;
 use crate::training::data::{DataSource, TimeSplit};
 use crate::training::evaluate::{choose_bands, choose_threshold, Evaluation};
@@ -81,6 +82,8 @@ pub struct TrainerOptions {
     pub block_precision: f64,
     /// How the amount feature is scaled.
     pub amount_scale: AmountScale,
+    /// Which features the model is trained on.
+    pub features: FeatureSet,
     /// Publish even if the current champion is better on the holdout.
     pub force: bool,
     /// What to do with a version that loses the champion gate.
@@ -117,6 +120,7 @@ impl Default for TrainerOptions {
             review_recall: crate::decision::DEFAULT_REVIEW_RECALL,
             block_precision: crate::decision::DEFAULT_BLOCK_PRECISION,
             amount_scale: AmountScale::Fixed,
+            features: FeatureSet::Payment,
             force: false,
             on_lose: OnLose::Canary,
             train: TrainConfig::default(),
@@ -140,9 +144,16 @@ pub struct RunOutcome {
     pub training_seconds: f64,
 }
 
-fn encode(encoder: &FeatureEncoder, payments: &[Payment], set: &'static str) -> Result<Vec<f32>> {
+fn encode(
+    encoder: &FeatureEncoder,
+    payments: &[Payment],
+    history: &[CustomerFeatures],
+    set: &'static str,
+) -> Result<Vec<f32>> {
     let mut features = Vec::with_capacity(payments.len() * encoder.width());
-    encoder.encode_all(payments, &mut features).map_err(|error| TrainingError::Encode { set, error })?;
+    encoder
+        .encode_all_with(payments, Some(history), &mut features)
+        .map_err(|error| TrainingError::Encode { set, error })?;
     Ok(features)
 }
 
@@ -187,12 +198,22 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         sha256: data::content_hash(&payments),
     };
     let split = TimeSplit::new(payments, 0.7, 0.15)?;
-    let spec = FeatureSpec::for_training(options.amount_scale, &split.train);
+    let mut spec = FeatureSpec::for_training(options.amount_scale, &split.train);
+    if options.features == FeatureSet::History {
+        // Merchant rates from the training window only: validation and holdout stay unseen.
+        spec = spec.with_history(&split.train);
+    }
     let encoder = FeatureEncoder::new(spec.clone());
     let width = encoder.width();
-    let train_x = encode(&encoder, &split.train, "train")?;
-    let val_x = encode(&encoder, &split.validation, "validation")?;
-    let hold_x = encode(&encoder, &split.holdout, "holdout")?;
+    // Customer features over the whole data in event-time order, as a scorer
+    // reading it as a stream computes them (the split is by time, so this is
+    // train, then validation, then holdout).
+    let history = crate::history::offline(split.train.iter().chain(&split.validation).chain(&split.holdout));
+    let (train_h, rest) = history.split_at(split.train.len());
+    let (val_h, hold_h) = rest.split_at(split.validation.len());
+    let train_x = encode(&encoder, &split.train, train_h, "train")?;
+    let val_x = encode(&encoder, &split.validation, val_h, "validation")?;
+    let hold_x = encode(&encoder, &split.holdout, hold_h, "holdout")?;
     let (train_y, val_y, hold_y) =
         (data::labels(&split.train), data::labels(&split.validation), data::labels(&split.holdout));
 
@@ -251,7 +272,7 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
         None => None,
         Some(version) => match load_champion(&store, version, work.path(), device).await {
             Ok(champion) => {
-                let scores = champion.score_payments(&split.holdout).map_err(|e| {
+                let scores = champion.score_payments_with(&split.holdout, hold_h).map_err(|e| {
                     TrainingError::Invalid(format!("re-scoring the holdout with champion {version}: {e}"))
                 })?;
                 Some((version.clone(), Evaluation::new(&scores, &hold_y, champion.manifest().threshold)))
@@ -297,7 +318,7 @@ pub async fn run_once(options: &TrainerOptions) -> Result<RunOutcome> {
     let exported = Model::from_module_file(&model_path, manifest.clone(), device)
         .map_err(model_err("reloading the exported model"))?;
     let reloaded = exported
-        .score_payments(&split.holdout)
+        .score_payments_with(&split.holdout, hold_h)
         .map_err(|e| TrainingError::Invalid(format!("scoring the holdout with the exported model: {e}")))?;
     let drift = reloaded.iter().zip(&model_scores).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     if drift > 1e-4 {

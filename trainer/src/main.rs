@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use cli::{choice, KafkaFlags};
 use fraudstream::codec::{Codec, WireFormat};
-use fraudstream::features::AmountScale;
+use fraudstream::features::{AmountScale, FeatureSet};
 use fraudstream::model::Device;
 use fraudstream::registry::RegistryConfig;
 use fraudstream::telemetry::{init_logging, LogFormat};
@@ -86,6 +86,10 @@ struct Cli {
     /// How the amount feature is scaled.
     #[arg(long, env = "FRAUDSTREAM_AMOUNT_SCALE", value_parser = choice::<AmountScale>(), default_value = "fixed")]
     amount_scale: AmountScale,
+    /// The features to train on: the payment's own 28 (the TF Serving contract), or those
+    /// and the customer's history and the merchant's fraud rate.
+    #[arg(long, env = "FRAUDSTREAM_FEATURES", value_parser = choice::<FeatureSet>(), default_value = "payment")]
+    features: FeatureSet,
     /// A version that loses the champion gate: publish it labelled canary (to watch in shadow), or discard it.
     #[arg(long, env = "FRAUDSTREAM_ON_LOSE", value_parser = choice::<OnLose>(), default_value = "canary")]
     on_lose: OnLose,
@@ -183,6 +187,7 @@ async fn main() -> Result<()> {
         review_recall: cli.review_recall,
         block_precision: cli.block_precision,
         amount_scale: cli.amount_scale,
+        features: cli.features,
         force: cli.force,
         on_lose: cli.on_lose,
         train: TrainConfig {
