@@ -28,10 +28,12 @@ use std::time::{Duration, Instant};
 
 use fraudstream::api::{router, ApiState};
 use fraudstream::codec::{Codec, WireFormat};
+use fraudstream::features::FeatureSet;
+use fraudstream::history::{HistoryState, Replay};
 use fraudstream::kafka::{ensure_topics, KafkaArgs};
 use fraudstream::model::{Label, Model, ModelStore, MODEL_FILE};
 use fraudstream::model_watch::WatchConfig;
-use fraudstream::pipeline::{Delivery, PipelineConfig, TransactionConfig};
+use fraudstream::pipeline::{Delivery, KafkaReplay, PipelineConfig, TransactionConfig};
 use fraudstream::produce::{create_producer, publish_payments, PublishOptions};
 use fraudstream::scorer::{ScorerConfig, ScorerParts};
 use fraudstream::scoring::ScoringService;
@@ -79,6 +81,8 @@ enum Pipeline {
     NoReasons,
     /// The scorer with `--shadow canary`: every event scored by a second model too.
     Shadow,
+    /// The scorer serving a model on the history feature set (customer state kept).
+    History,
 }
 
 impl Pipeline {
@@ -89,6 +93,7 @@ impl Pipeline {
             Pipeline::ExactlyOnce => "exactly-once",
             Pipeline::NoReasons => "no-reasons",
             Pipeline::Shadow => "shadow",
+            Pipeline::History => "history",
         }
     }
 
@@ -484,7 +489,13 @@ async fn publish_canary(store: &str, cache: &std::path::Path) {
 
 /// Trains on the full-size simulated set and publishes to `store`.
 async fn train(store: &str) -> fraudstream::training::RunOutcome {
+    train_on(store, FeatureSet::Payment).await
+}
+
+/// Trains on the full-size simulated set with `features` and publishes to `store`.
+async fn train_on(store: &str, features: FeatureSet) -> fraudstream::training::RunOutcome {
     run_once(&TrainerOptions {
+        features,
         data: DataSource::Simulator { rows: 594_643, seed: 42 },
         model_store: store.to_string(),
         model_name: "payfraud".into(),
@@ -496,6 +507,36 @@ async fn train(store: &str) -> fraudstream::training::RunOutcome {
     })
     .await
     .unwrap()
+}
+
+/// The scorer's history rebuild over a whole topic: every partition read
+/// back and recorded into a fresh state, as a member gaining it does
+/// (`pipeline::KafkaReplay`, `HistoryState`). Seconds per million records
+/// read, and heap bytes per customer held at the end.
+fn history_rebuild(kafka: &KafkaArgs, topic: &str) -> (f64, f64, usize) {
+    let mut replay = KafkaReplay {
+        kafka: kafka.clone(),
+        group_id: unique("bench-history"),
+        topic: topic.into(),
+        decode: Box::new(|bytes| CODEC.decode_payment(bytes).ok()),
+    };
+    let encoder = fraudstream::FeatureEncoder::new(fraudstream::FeatureSpec::demo());
+    let (mut read, mut bytes, mut customers) = (0u64, 0usize, 0usize);
+    let started = Instant::now();
+    for partition in 0..4 {
+        let mut state = HistoryState::default();
+        read += replay
+            .replay(partition, i64::MAX, 0, &mut |p| {
+                if encoder.accepts(p) {
+                    state.record(p);
+                }
+            })
+            .unwrap();
+        bytes += state.memory_bytes();
+        customers += state.customers();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    (seconds * 1e6 / read as f64, bytes as f64 / customers.max(1) as f64, customers)
 }
 
 /// The trainer from a Kafka topic vs from CSV, on the same BENCH_TRAINER_ROWS
@@ -661,6 +702,8 @@ async fn main() {
     let trainer_seconds = started.elapsed().as_secs_f64();
     publish_canary(&store, &cache).await;
     eprintln!("trainer: {trainer_seconds:.1} s");
+    let history_store = format!("{store}-history");
+    let history_outcome = train_on(&history_store, FeatureSet::History).await;
     let headline_file = std::env::var("BENCH_HEADLINE_FILE").ok();
 
     // 1. Scorer vs relay on the same 1M-event stream.
@@ -671,11 +714,17 @@ async fn main() {
         PublishOptions { topic: input.clone(), codec: CODEC, rate: None, stamp_event_time: true, labels: None };
     publish_payments(&producer, &options, Simulator::new(events, 7), |_| {}).await.unwrap();
     let (mut relay_rounds, mut scorer_rounds, mut exactly_once_rounds) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut no_reasons_rounds, mut shadow_rounds) = (Vec::new(), Vec::new());
+    let (mut no_reasons_rounds, mut shadow_rounds, mut history_rounds) = (Vec::new(), Vec::new(), Vec::new());
     let mut scored_topic = String::new();
     for round in 0..3 {
-        let pipelines =
-            [Pipeline::Relay, Pipeline::Scorer, Pipeline::ExactlyOnce, Pipeline::NoReasons, Pipeline::Shadow];
+        let pipelines = [
+            Pipeline::Relay,
+            Pipeline::Scorer,
+            Pipeline::ExactlyOnce,
+            Pipeline::NoReasons,
+            Pipeline::Shadow,
+            Pipeline::History,
+        ];
         for pipeline in pipelines {
             if std::env::var("BENCH_PIPELINE").is_ok_and(|p| !p.split(',').any(|p| p == pipeline.name())) {
                 continue;
@@ -684,7 +733,8 @@ async fn main() {
             if pipeline == Pipeline::Scorer {
                 scored_topic = output.clone();
             }
-            let config = scorer_config(&kafka, &input, &output, &store, &cache, pipeline);
+            let model_store = if pipeline == Pipeline::History { &history_store } else { &store };
+            let config = scorer_config(&kafka, &input, &output, model_store, &cache, pipeline);
             let drain = drain_topic(config, events).await;
             eprintln!(
                 "round {round}: {:12} {:.0} events/s, CPU per event {:.2} us (+ broker {:.2} us)",
@@ -699,22 +749,29 @@ async fn main() {
                 Pipeline::ExactlyOnce => exactly_once_rounds.push(drain),
                 Pipeline::NoReasons => no_reasons_rounds.push(drain),
                 Pipeline::Shadow => shadow_rounds.push(drain),
+                Pipeline::History => history_rounds.push(drain),
             }
         }
     }
     let best = |rounds: &[Drain]| rounds.iter().map(|d| d.rate).fold(f64::NAN, f64::max);
     let (relay_best, scorer_best, exactly_once_best) =
         (best(&relay_rounds), best(&scorer_rounds), best(&exactly_once_rounds));
-    let (no_reasons_best, shadow_best) = (best(&no_reasons_rounds), best(&shadow_rounds));
+    let (no_reasons_best, shadow_best, history_best) =
+        (best(&no_reasons_rounds), best(&shadow_rounds), best(&history_rounds));
     // Tuning aid: BENCH_THROUGHPUT_ONLY=1 stops after the throughput rounds.
     if std::env::var("BENCH_THROUGHPUT_ONLY").is_ok() {
         println!(
             "relay {relay_best:.0} events/s, scorer {scorer_best:.0} events/s, with a shadow {shadow_best:.0} events/s \
-             (shadow / without {:.2})",
-            shadow_best / scorer_best
+             (shadow / without {:.2}), with history features {history_best:.0} events/s (history / 28 features {:.2})",
+            shadow_best / scorer_best,
+            history_best / scorer_best
         );
         return;
     }
+
+    // The history a member rebuilds when it gains partitions: the whole topic here.
+    let (rebuild_s_per_million, bytes_per_customer, customers) = history_rebuild(&kafka, &input);
+    eprintln!("history rebuild: {rebuild_s_per_million:.2} s per million events; {bytes_per_customer:.0} bytes per customer ({customers} customers)");
 
     // Peak RSS of the real `fraudstream score` process over the same stream.
     let scorer_rss = scorer_process_peak_rss(&kafka, &input, &store, events).await;
@@ -809,6 +866,10 @@ async fn main() {
         format!("**{:.2}** ({scorer_best:.0} vs {no_reasons_best:.0} events/s)", scorer_best / no_reasons_best),
         format!("**{:.2}** ({shadow_best:.0} vs {scorer_best:.0} events/s)", shadow_best / scorer_best),
         format!("**{:.2}** ({monitor_rate:.0} joins/s vs {scorer_best:.0} events/s)", monitor_rate / scorer_best),
+        format!(
+            "**{:.2}** ({history_best:.0} vs {scorer_best:.0} events/s); state {bytes_per_customer:.0} bytes per customer; rebuild {rebuild_s_per_million:.2} s per million events",
+            history_best / scorer_best
+        ),
     ];
     if let Some(path) = headline_file {
         std::fs::write(path, headline.join("\n") + "\n").unwrap();
@@ -835,6 +896,11 @@ async fn main() {
         shadow_best,
     ));
     out.push_str(&row(
+        "scorer on history features (39: the 28, the customer's last 1/7/30 days, the merchant's fraud rate)",
+        &history_rounds,
+        history_best,
+    ));
+    out.push_str(&row(
         "scorer, exactly once (Kafka transactions every 100 ms or 100,000 records)",
         &exactly_once_rounds,
         exactly_once_best,
@@ -846,8 +912,14 @@ async fn main() {
         out.push_str(&format!("| {batch} | {rate:.0} |\n"));
     }
     out.push_str(&format!(
-        "\n### Other\n\n| measure | result |\n|---|---|\n| trainer, 594,643 simulated rows (load, split, MLP + baseline, export, publish) | {trainer_seconds:.1} s |\n| holdout ROC-AUC / AP (MLP) | {:.4} / {:.4} |\n| holdout ROC-AUC / AP (logistic baseline) | {:.4} / {:.4} |\n| simulator to CSV on /dev/null (one thread) | {sim_rate:.0} rows/s |\n| Avro (Confluent) decode of a payment / encode of a scored payment: fraudstream's codec | {decode_us:.2} / {encode_us:.2} us |\n| the same with apache-avro's serde reader and writer | {reference_decode_us:.2} / {reference_encode_us:.2} us |\n| peak RSS of the `fraudstream score` process over the {events}-event stream | {scorer_rss:.0} MiB |\n| peak RSS of the benchmark process (throughput phase: in-process scorer, relay, publisher, HTTP client) | {:.0} MiB |\n",
-        h.roc_auc, h.average_precision, outcome.baseline.roc_auc, outcome.baseline.average_precision, peak_rss_mib("self")
+        "\n### Other\n\n| measure | result |\n|---|---|\n| trainer, 594,643 simulated rows (load, split, MLP + baseline, export, publish) | {trainer_seconds:.1} s |\n| holdout ROC-AUC / AP (MLP) | {:.4} / {:.4} |\n| holdout ROC-AUC / AP (logistic baseline) | {:.4} / {:.4} |\n| holdout ROC-AUC / AP, history features (MLP) | {:.4} / {:.4} |\n| customer history: rebuild of the whole {events}-event topic (4 partitions), state held after it | {rebuild_s_per_million:.2} s per million events; {customers} customers, {bytes_per_customer:.0} bytes each |\n| simulator to CSV on /dev/null (one thread) | {sim_rate:.0} rows/s |\n| Avro (Confluent) decode of a payment / encode of a scored payment: fraudstream's codec | {decode_us:.2} / {encode_us:.2} us |\n| the same with apache-avro's serde reader and writer | {reference_decode_us:.2} / {reference_encode_us:.2} us |\n| peak RSS of the `fraudstream score` process over the {events}-event stream | {scorer_rss:.0} MiB |\n| peak RSS of the benchmark process (throughput phase: in-process scorer, relay, publisher, HTTP client) | {:.0} MiB |\n",
+        h.roc_auc,
+        h.average_precision,
+        outcome.baseline.roc_auc,
+        outcome.baseline.average_precision,
+        history_outcome.holdout.roc_auc,
+        history_outcome.holdout.average_precision,
+        peak_rss_mib("self")
     ));
     println!("{out}");
 }

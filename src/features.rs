@@ -267,13 +267,36 @@ pub enum EncodeError {
 pub struct FeatureEncoder {
     spec: FeatureSpec,
     amount_scale: f64,
+    /// The history spec's merchant rates as the model sees them, hashed.
+    rates: Option<RateTable>,
+}
+
+/// `MerchantRates::rate` as f32, looked up by hash instead of by tree.
+#[derive(Debug, Clone)]
+struct RateTable {
+    merchants: foldhash::HashMap<String, f32>,
+    categories: foldhash::HashMap<String, f32>,
+    overall: f32,
+}
+
+impl RateTable {
+    fn new(rates: &MerchantRates) -> Self {
+        let table =
+            |m: &std::collections::BTreeMap<String, f64>| m.iter().map(|(k, v)| (k.clone(), *v as f32)).collect();
+        Self { merchants: table(&rates.merchants), categories: table(&rates.categories), overall: rates.overall as f32 }
+    }
+
+    fn rate(&self, merchant: &str, category: &str) -> f32 {
+        self.merchants.get(merchant).or_else(|| self.categories.get(category)).copied().unwrap_or(self.overall)
+    }
 }
 
 impl FeatureEncoder {
     pub fn new(spec: FeatureSpec) -> Self {
         let range = spec.amount_max - spec.amount_min;
         let amount_scale = if range > 0.0 { 1.0 / range } else { 1.0 };
-        Self { spec, amount_scale }
+        let rates = spec.history.as_ref().map(|h| RateTable::new(&h.merchant_rates));
+        Self { spec, amount_scale, rates }
     }
 
     pub fn width(&self) -> usize {
@@ -287,6 +310,41 @@ impl FeatureEncoder {
     /// Whether rows need the customer's history (`encode_with`).
     pub fn needs_history(&self) -> bool {
         self.spec.history.is_some()
+    }
+
+    /// Whether `payment` encodes (what the stream scores, and so what counts
+    /// as a customer's history), without writing a row.
+    pub fn accepts(&self, payment: &Payment) -> bool {
+        self.base(payment).is_ok()
+    }
+
+    /// The payment's one-hot positions (category, age, gender) and scaled
+    /// amount, or why it cannot be encoded.
+    fn base(&self, payment: &Payment) -> Result<([usize; 3], f32), EncodeError> {
+        payment.validate()?;
+        let lookup = |vocab: &[String], value: &str, field: &'static str| {
+            vocab.iter().position(|v| v == value).ok_or_else(|| EncodeError::UnknownValue {
+                payment_id: payment.payment_id.clone(),
+                field,
+                value: value.to_string(),
+                known: vocab.join(","),
+            })
+        };
+        let category = lookup(&self.spec.categories, &payment.category, "category")?;
+        let age = lookup(&self.spec.ages, &payment.age, "age")?;
+        let gender = lookup(&self.spec.genders, &payment.gender, "gender")?;
+        let scaled = (payment.amount - self.spec.amount_min) * self.amount_scale;
+        let amount = if self.spec.amount_clip { scaled.min(1.0) } else { scaled } as f32;
+        // Finite in f64 is not enough: the cast to f32 overflows to inf, and
+        // the model's NaN would then slip past `p >= threshold` unflagged.
+        if !amount.is_finite() {
+            return Err(EncodeError::NonFiniteFeature {
+                payment_id: payment.payment_id.clone(),
+                amount: payment.amount,
+                value: amount,
+            });
+        }
+        Ok(([category, age, gender], amount))
     }
 
     /// Writes the features of `payment` into `row` (length `width()`); for a
@@ -304,30 +362,9 @@ impl FeatureEncoder {
         row: &mut [f32],
     ) -> Result<(), EncodeError> {
         assert_eq!(row.len(), self.width(), "feature row has the wrong width");
-        payment.validate()?;
-        let lookup = |vocab: &[String], value: &str, field: &'static str| {
-            vocab.iter().position(|v| v == value).ok_or_else(|| EncodeError::UnknownValue {
-                payment_id: payment.payment_id.clone(),
-                field,
-                value: value.to_string(),
-                known: vocab.join(","),
-            })
-        };
-        let category = lookup(&self.spec.categories, &payment.category, "category")?;
-        let age = lookup(&self.spec.ages, &payment.age, "age")?;
-        let gender = lookup(&self.spec.genders, &payment.gender, "gender")?;
+        let ([category, age, gender], amount) = self.base(payment)?;
         row.fill(0.0);
-        let scaled = (payment.amount - self.spec.amount_min) * self.amount_scale;
-        row[0] = if self.spec.amount_clip { scaled.min(1.0) } else { scaled } as f32;
-        // Finite in f64 is not enough: the cast to f32 overflows to inf, and
-        // the model's NaN would then slip past `p >= threshold` unflagged.
-        if !row[0].is_finite() {
-            return Err(EncodeError::NonFiniteFeature {
-                payment_id: payment.payment_id.clone(),
-                amount: payment.amount,
-                value: row[0],
-            });
-        }
+        row[0] = amount;
         let mut offset = 1;
         row[offset + category] = 1.0;
         offset += self.spec.categories.len();
@@ -335,11 +372,11 @@ impl FeatureEncoder {
         offset += self.spec.ages.len();
         row[offset + gender] = 1.0;
         offset += self.spec.genders.len();
-        if let Some(spec) = &self.spec.history {
+        if let Some(rates) = &self.rates {
             let history =
                 history.ok_or_else(|| EncodeError::MissingHistory { payment_id: payment.payment_id.clone() })?;
             row[offset..offset + CUSTOMER_WIDTH].copy_from_slice(&history.0);
-            row[offset + CUSTOMER_WIDTH] = spec.merchant_rates.rate(&payment.merchant, &payment.category) as f32;
+            row[offset + CUSTOMER_WIDTH] = rates.rate(&payment.merchant, &payment.category);
         }
         Ok(())
     }

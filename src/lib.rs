@@ -13,6 +13,7 @@ pub mod consume;
 pub mod decision;
 pub mod demo;
 pub mod drift;
+pub mod feature_log;
 pub mod features;
 pub mod history;
 pub mod kafka;

@@ -113,6 +113,10 @@ struct ScoreArgs {
     /// Local folder for downloaded model versions (default: a temporary folder).
     #[arg(long, env = "FRAUDSTREAM_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
+    /// Append the exact feature row of every stream payment scored to this file (JSON lines:
+    /// paymentId, partition, offset, modelVersion, features), for audits and skew checks.
+    #[arg(long, value_name = "FILE", env = "FRAUDSTREAM_FEATURE_LOG")]
+    feature_log: Option<PathBuf>,
     /// Address of the REST API (TensorFlow Serving compatible), /metrics, /healthz and /readyz.
     #[arg(long, env = "FRAUDSTREAM_HTTP_ADDR", default_value = "127.0.0.1:8501")]
     http_addr: std::net::SocketAddr,
@@ -668,6 +672,7 @@ async fn score(args: ScoreArgs) -> Result<()> {
         create_topics: (args.topic_partitions > 0).then_some(args.topic_partitions),
         rest_concurrency: args.max_rest_concurrency,
         reasons: args.scoring.reasons,
+        feature_log: args.feature_log,
     };
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());

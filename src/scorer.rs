@@ -34,6 +34,8 @@ pub struct ScorerConfig {
     pub rest_concurrency: usize,
     /// Reason codes for payments at or above the review band.
     pub reasons: bool,
+    /// Append the feature row of every stream payment here (JSON lines).
+    pub feature_log: Option<std::path::PathBuf>,
 }
 
 /// The defaults of `fraudstream score`'s flags; main, the demo, tests and
@@ -49,6 +51,7 @@ impl Default for ScorerConfig {
             create_topics: Some(4),
             rest_concurrency: crate::api::DEFAULT_REST_CONCURRENCY,
             reasons: true,
+            feature_log: None,
         }
     }
 }
@@ -59,6 +62,8 @@ pub enum ScorerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error("cannot open the feature log {}: {source} (check --feature-log's folder exists and is writable)", path.display())]
+    FeatureLog { path: std::path::PathBuf, source: std::io::Error },
     #[error("registering the output schema: {0}; fix the schema's compatibility setting or subject in the registry")]
     Registry(crate::registry::RegistryError),
 }
@@ -150,6 +155,11 @@ async fn run_pipeline(
 /// drains, commits and returns (the failure, for a non-zero exit).
 pub async fn run(mut config: ScorerConfig, parts: ScorerParts, shutdown: CancellationToken) -> Result<(), ScorerError> {
     parts.scoring.set_reasons(config.reasons);
+    if let Some(path) = &config.feature_log {
+        let log = crate::feature_log::FeatureLog::open(path)
+            .map_err(|source| ScorerError::FeatureLog { path: path.clone(), source })?;
+        parts.scoring.log_features(log);
+    }
     // HTTP first, so /healthz answers (and /readyz says why not) while we wait for a model.
     let http = match config.http_addr {
         None => None,

@@ -18,16 +18,25 @@
 //! probability, the batch leaves without shadow scores (counted and logged),
 //! never failed nor dead-lettered. A shadow of the serving version itself is
 //! no shadow: it is dropped when the serving model becomes that version.
+//!
+//! Customer history: while the serving or the shadow model's features include
+//! the customer's history, this thread keeps it (`history::OnlineHistory`):
+//! a stream payment's features are taken, then (once the serving model
+//! accepts it) it is recorded, in stream order; REST requests read it
+//! without recording. A partition is rebuilt from the input topic before its
+//! first payment is scored; a failed rebuild fails the batch (fail closed).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::decision::{occluded_rows, Decision, DecisionBands, Reason};
-use crate::features::{EncodeError, FeatureSpec, FEATURE_WIDTH};
+use crate::feature_log::FeatureLog;
+use crate::features::{EncodeError, FeatureEncoder, FeatureSpec, FEATURE_WIDTH};
+use crate::history::{CustomerFeatures, OnlineHistory, Position, Replay};
 use crate::model::{Label, Model, ModelError};
 use crate::payment::{Payment, ScoredPayment, ShadowScore};
 use crate::telemetry::metric;
@@ -156,6 +165,13 @@ pub enum ScoringError {
     NotProbabilities { version: String, output: [f32; 2] },
     #[error("input has {got} values, not a whole number of {width}-feature rows")]
     BadWidth { got: usize, width: usize },
+    #[error(transparent)]
+    History(Arc<crate::history::ReplayError>),
+    #[error(
+        "model version {version} scores {width} features, the payment's 28 and the customer's history: \
+         pre-encoded rows (:predict, infer) cannot carry the history; send payments (:classify, :score)"
+    )]
+    RowsNeedHistory { version: String, width: usize },
 }
 
 impl From<ModelError> for ScoringError {
@@ -215,18 +231,21 @@ pub struct ScoredRows {
 }
 
 enum Job {
-    Payments(Vec<Payment>, Explain, Target, oneshot::Sender<Result<ScoredBatch, ScoringError>>),
+    /// Payments, with where each was read for stream payments (REST: `None`).
+    Payments(Vec<Payment>, Option<Vec<Position>>, Explain, Target, oneshot::Sender<Result<ScoredBatch, ScoringError>>),
     Rows(Vec<f32>, Target, oneshot::Sender<Result<ScoredRows, ScoringError>>),
     Swap(Box<Model>, oneshot::Sender<()>),
     /// Loads (or with `None` unloads) the shadow model.
     Shadow(Option<Box<Model>>, oneshot::Sender<()>),
+    /// Where customer histories are rebuilt from (the stream's input topic).
+    Replay(Option<Box<dyn Replay>>, oneshot::Sender<()>),
 }
 
 impl Job {
     fn target(&self) -> Option<Target> {
         match self {
-            Job::Payments(_, _, target, _) | Job::Rows(_, target, _) => Some(*target),
-            Job::Swap(..) | Job::Shadow(..) => None,
+            Job::Payments(_, _, _, target, _) | Job::Rows(_, target, _) => Some(*target),
+            Job::Swap(..) | Job::Shadow(..) | Job::Replay(..) => None,
         }
     }
 }
@@ -247,6 +266,8 @@ pub struct ScoringService {
     labels: Arc<RwLock<HashMap<Label, String>>>,
     /// Whether reasons are computed at all (`--reasons`; off only to measure their cost).
     reasons: Arc<AtomicBool>,
+    /// Where the rows of stream payments are logged (`--feature-log`).
+    feature_log: Arc<Mutex<Option<FeatureLog>>>,
     width: usize,
 }
 
@@ -257,12 +278,18 @@ impl ScoringService {
         let (jobs, rx) = mpsc::channel(queue);
         let loaded = Arc::new(Loaded::default());
         let reasons = Arc::new(AtomicBool::new(true));
-        let (shared, explaining) = (loaded.clone(), reasons.clone());
+        let feature_log = Arc::new(Mutex::new(None));
+        let (shared, explaining, log) = (loaded.clone(), reasons.clone(), feature_log.clone());
         std::thread::Builder::new()
             .name("fraudstream-scorer".into())
-            .spawn(move || run(rx, shared, explaining, max_batch))
+            .spawn(move || run(rx, shared, explaining, log, max_batch))
             .expect("spawning the scoring thread");
-        Self { jobs, loaded, labels: Arc::default(), reasons, width: FEATURE_WIDTH }
+        Self { jobs, loaded, labels: Arc::default(), reasons, feature_log, width: FEATURE_WIDTH }
+    }
+
+    /// Logs the row of every stream payment scored from now on to `log`.
+    pub fn log_features(&self, log: FeatureLog) {
+        *self.feature_log.lock().expect("feature log lock") = Some(log);
     }
 
     /// Records which version `label` names in the store (`None`: unset).
@@ -328,8 +355,30 @@ impl ScoringService {
         explain: Explain,
     ) -> Result<oneshot::Receiver<Result<ScoredBatch, ScoringError>>, ScoringError> {
         let (tx, rx) = oneshot::channel();
-        self.jobs.send(Job::Payments(payments, explain, target, tx)).await.map_err(|_| ScoringError::Stopped)?;
+        self.jobs.send(Job::Payments(payments, None, explain, target, tx)).await.map_err(|_| ScoringError::Stopped)?;
         Ok(rx)
+    }
+
+    /// Queues stream payments (read at `positions`, in stream order) for the
+    /// serving model: they count as their customers' history.
+    pub async fn submit_stream(
+        &self,
+        payments: Vec<Payment>,
+        positions: Vec<Position>,
+    ) -> Result<oneshot::Receiver<Result<ScoredBatch, ScoringError>>, ScoringError> {
+        assert_eq!(payments.len(), positions.len(), "a position per payment");
+        let (tx, rx) = oneshot::channel();
+        let job = Job::Payments(payments, Some(positions), Explain::AtReview, Target::Serving, tx);
+        self.jobs.send(job).await.map_err(|_| ScoringError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// Sets where customer histories are rebuilt from, after every job queued
+    /// before (`None`: REST only, no stream history).
+    pub async fn set_replay(&self, replay: Option<Box<dyn Replay>>) -> Result<(), ScoringError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs.send(Job::Replay(replay, tx)).await.map_err(|_| ScoringError::Stopped)?;
+        rx.await.map_err(|_| ScoringError::Stopped)
     }
 
     /// Scores payments with the serving model and waits for the result.
@@ -377,7 +426,13 @@ fn shadow_gauges(version: &str, loaded: bool) {
 /// The scoring thread: takes every job already waiting (up to `max_batch`
 /// rows), runs one forward pass over all of them (and one with the shadow
 /// model, if loaded), and answers each.
-fn run(mut rx: mpsc::Receiver<Job>, loaded: Arc<Loaded>, reasons: Arc<AtomicBool>, max_batch: usize) {
+fn run(
+    mut rx: mpsc::Receiver<Job>,
+    loaded: Arc<Loaded>,
+    reasons: Arc<AtomicBool>,
+    feature_log: Arc<Mutex<Option<FeatureLog>>>,
+    max_batch: usize,
+) {
     let mut model: Option<InService> = None;
     let mut shadow: Option<InService> = None;
     let set_shadow = |shadow: &mut Option<InService>, new: Option<InService>| {
@@ -392,15 +447,24 @@ fn run(mut rx: mpsc::Receiver<Job>, loaded: Arc<Loaded>, reasons: Arc<AtomicBool
         *loaded.shadow.write().expect("model info lock") = new.as_ref().map(|(_, info)| info.clone());
         *shadow = new;
     };
+    let mut history = OnlineHistory::default();
+    // Whether the serving or shadow model needs customer history (kept only then).
+    let mut keeping = false;
     let mut pending: Option<Job> = None;
     loop {
+        let wants = [model.as_ref(), shadow.as_ref()].into_iter().flatten().any(|(m, _)| m.encoder().needs_history());
+        if wants != keeping {
+            // Not kept until now (stale) or no longer needed (memory): start over.
+            history.clear();
+            keeping = wants;
+        }
         let Some(first) = pending.take().or_else(|| rx.blocking_recv()) else { return };
         let mut jobs = Vec::new();
         let mut rows = 0;
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job {
-                Job::Swap(..) | Job::Shadow(..) if !jobs.is_empty() => {
+                Job::Swap(..) | Job::Shadow(..) | Job::Replay(..) if !jobs.is_empty() => {
                     // Score what came before the swap with the old models first.
                     pending = Some(job);
                     break;
@@ -451,11 +515,15 @@ fn run(mut rx: mpsc::Receiver<Job>, loaded: Arc<Loaded>, reasons: Arc<AtomicBool
                     }
                     let _ = done.send(());
                 }
+                Job::Replay(replay, done) => {
+                    history.set_replay(replay);
+                    let _ = done.send(());
+                }
                 job => {
                     rows += match &job {
                         Job::Payments(p, ..) => p.len(),
                         Job::Rows(f, ..) => f.len() / FEATURE_WIDTH,
-                        Job::Swap(..) | Job::Shadow(..) => 0,
+                        Job::Swap(..) | Job::Shadow(..) | Job::Replay(..) => 0,
                     };
                     jobs.push(job);
                     if rows < max_batch {
@@ -488,12 +556,17 @@ fn run(mut rx: mpsc::Receiver<Job>, loaded: Arc<Loaded>, reasons: Arc<AtomicBool
             // A panic inside libtorch must not kill the scoring thread: the
             // batch's jobs are dropped with it (their callers see the
             // reply channel close, a scoring failure) and the thread lives.
+            let mut log = feature_log.lock().expect("feature log lock");
+            let log = if target == Target::Serving { log.as_mut() } else { None };
             let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                score_jobs(scoring, info, jobs, explaining, beside)
+                score_jobs(scoring, info, jobs, explaining, beside, keeping.then_some(&mut history), log)
             }));
             if let Err(panic) = scored {
                 tracing::error!(version = %info.version, message = panic_message(&panic), "the model panicked while scoring");
             }
+        }
+        if keeping {
+            history.publish();
         }
     }
 }
@@ -510,14 +583,73 @@ fn fail(job: Job, error: ScoringError) {
     match job {
         Job::Payments(.., reply) => drop(reply.send(Err(error))),
         Job::Rows(.., reply) => drop(reply.send(Err(error))),
-        Job::Swap(..) | Job::Shadow(..) => {}
+        Job::Swap(..) | Job::Shadow(..) | Job::Replay(..) => {}
     }
 }
 
-/// Encodes every job's payments with the model's encoder, runs one forward
-/// pass over all rows (and, with a `shadow` model, one more over the
-/// payments), and hands each job its slice.
-fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: bool, shadow: Option<&InService>) {
+/// Where `encode_payments` appends rows.
+struct Encoded<'a> {
+    row: &'a mut [f32],
+    features: &'a mut Vec<f32>,
+    n: &'a mut usize,
+}
+
+/// Per payment of a job: its row, or why it cannot be encoded.
+type Slots = Vec<Result<usize, EncodeError>>;
+/// Per payment of a job: its customer features, where history is kept.
+type OfCustomers = Vec<Option<CustomerFeatures>>;
+
+/// A job's slots and, where history is kept, each payment's customer
+/// features. A stream payment's features are taken (its partition rebuilt
+/// first if needed), then, once encoded, it is recorded as its customer's latest.
+fn encode_payments(
+    encoder: &FeatureEncoder,
+    payments: &[Payment],
+    positions: Option<&[Position]>,
+    mut history: Option<&mut OnlineHistory>,
+    out: &mut Encoded<'_>,
+) -> Result<(Slots, OfCustomers), ScoringError> {
+    let mut slots = Vec::with_capacity(payments.len());
+    let mut customer = Vec::new();
+    for (i, p) in payments.iter().enumerate() {
+        let at = positions.map(|ps| ps[i]);
+        let of_customer = match (history.as_deref_mut(), at) {
+            (None, _) => None,
+            (Some(h), Some(at)) => Some(
+                h.features(p, at, &|q: &Payment| encoder.accepts(q)).map_err(|e| ScoringError::History(Arc::new(e)))?,
+            ),
+            (Some(h), None) => Some(h.peek(p)),
+        };
+        let slot = encoder.encode_with(p, of_customer.as_ref(), out.row).map(|()| {
+            out.features.extend_from_slice(out.row);
+            *out.n += 1;
+            *out.n - 1
+        });
+        if let (Some(h), Some(at), Ok(_)) = (history.as_deref_mut(), at, &slot) {
+            h.record(p, at);
+        }
+        slots.push(slot);
+        if history.is_some() {
+            customer.push(of_customer);
+        }
+    }
+    Ok((slots, customer))
+}
+
+/// Encodes every job's payments with the model's encoder (their customer
+/// features first, where `history` is kept), runs one forward pass over all
+/// rows (and, with a `shadow` model, one more over the payments), and hands
+/// each job its slice. A job whose history cannot be rebuilt, or whose
+/// pre-encoded rows do not fit the model, fails alone.
+fn score_jobs(
+    model: &Model,
+    info: &Arc<ModelInfo>,
+    jobs: Vec<Job>,
+    explaining: bool,
+    shadow: Option<&InService>,
+    mut history: Option<&mut OnlineHistory>,
+    log: Option<&mut FeatureLog>,
+) {
     let started = Instant::now();
     let encoder = model.encoder();
     let width = encoder.width();
@@ -526,34 +658,67 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: 
         .map(|job| match job {
             Job::Payments(p, ..) => p.len(),
             Job::Rows(f, ..) => f.len() / width,
-            Job::Swap(..) | Job::Shadow(..) => 0,
+            Job::Swap(..) | Job::Shadow(..) | Job::Replay(..) => 0,
         })
         .sum();
     let mut features: Vec<f32> = Vec::with_capacity(rows * width);
-    let mut encoded: Vec<Vec<Result<usize, EncodeError>>> = Vec::with_capacity(jobs.len());
+    let mut encoded: Vec<Slots> = Vec::with_capacity(jobs.len());
+    let mut customer: Vec<OfCustomers> = Vec::with_capacity(jobs.len());
+    let mut kept = Vec::with_capacity(jobs.len());
     let mut row = vec![0f32; width];
     let mut n = 0;
-    for job in &jobs {
-        match job {
-            Job::Payments(payments, ..) => {
-                let mut slots = Vec::with_capacity(payments.len());
-                for p in payments {
-                    slots.push(encoder.encode_into(p, &mut row).map(|()| {
-                        features.extend_from_slice(&row);
-                        n += 1;
-                        n - 1
-                    }));
+    for job in jobs {
+        let done = match &job {
+            Job::Payments(payments, positions, ..) => {
+                let (rows_before, n_before) = (features.len(), n);
+                let mut out = Encoded { row: &mut row, features: &mut features, n: &mut n };
+                match encode_payments(encoder, payments, positions.as_deref(), history.as_deref_mut(), &mut out) {
+                    Ok((slots, of_customers)) => {
+                        encoded.push(slots);
+                        customer.push(of_customers);
+                        Ok(())
+                    }
+                    Err(error) => {
+                        features.truncate(rows_before);
+                        n = n_before;
+                        Err(error)
+                    }
                 }
-                encoded.push(slots);
             }
+            Job::Rows(..) if width != FEATURE_WIDTH => {
+                Err(ScoringError::RowsNeedHistory { version: info.version.clone(), width })
+            }
+            Job::Rows(rows, ..) if rows.len() % width != 0 => Err(ScoringError::BadWidth { got: rows.len(), width }),
             Job::Rows(rows, ..) => {
                 let count = rows.len() / width;
                 features.extend_from_slice(rows);
                 encoded.push((n..n + count).map(Ok).collect());
+                customer.push(Vec::new());
                 n += count;
+                Ok(())
             }
-            Job::Swap(..) | Job::Shadow(..) => encoded.push(Vec::new()),
+            Job::Swap(..) | Job::Shadow(..) | Job::Replay(..) => {
+                encoded.push(Vec::new());
+                customer.push(Vec::new());
+                Ok(())
+            }
+        };
+        match done {
+            Ok(()) => kept.push(job),
+            Err(error) => fail(job, error),
         }
+    }
+    let jobs = kept;
+    if let Some(log) = log {
+        for (job, slots) in jobs.iter().zip(&encoded) {
+            let Job::Payments(payments, Some(positions), ..) = job else { continue };
+            for ((p, at), slot) in payments.iter().zip(positions).zip(slots) {
+                if let Ok(row) = slot {
+                    log.write(&p.payment_id, *at, &info.version, &features[row * width..(row + 1) * width]);
+                }
+            }
+        }
+        log.flush();
     }
     let scored = forward(model, info, &features, n).and_then(|outputs| {
         let reasons = if explaining && info.explains {
@@ -574,10 +739,12 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: 
         }
     };
     let (shadow, shadow_scores) = match shadow {
-        Some((model, shadow_info)) => match shadow_pass(model, shadow_info, info, &jobs, &encoded, &features, n) {
-            Some(scores) => (Some(shadow_info), scores),
-            None => (None, Vec::new()),
-        },
+        Some((model, shadow_info)) => {
+            match shadow_pass(model, shadow_info, info, &jobs, (&encoded, &customer), &features, n) {
+                Some(scores) => (Some(shadow_info), scores),
+                None => (None, Vec::new()),
+            }
+        }
         None => (None, Vec::new()),
     };
     metrics::histogram!(metric::BATCH_SIZE).record(n as f64);
@@ -586,7 +753,7 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: 
     for ((job, slots), reasons) in jobs.into_iter().zip(encoded).zip(reasons) {
         let job_shadow = shadow_scores.next();
         match job {
-            Job::Payments(payments, _, _, reply) => {
+            Job::Payments(payments, _, _, _, reply) => {
                 let results: Vec<_> = slots.into_iter().map(|slot| slot.map(|i| outputs[i])).collect();
                 let mut reasons = reasons;
                 reasons.resize_with(payments.len(), Vec::new);
@@ -598,7 +765,7 @@ fn score_jobs(model: &Model, info: &Arc<ModelInfo>, jobs: Vec<Job>, explaining: 
                 let outputs = slots.into_iter().map(|slot| outputs[slot.expect("rows are pre-encoded")]).collect();
                 let _ = reply.send(Ok(ScoredRows { model: info.clone(), outputs }));
             }
-            Job::Swap(..) | Job::Shadow(..) => {}
+            Job::Swap(..) | Job::Shadow(..) | Job::Replay(..) => {}
         }
     }
 }
@@ -613,7 +780,7 @@ fn shadow_pass(
     info: &ModelInfo,
     serving: &ModelInfo,
     jobs: &[Job],
-    encoded: &[Vec<Result<usize, EncodeError>>],
+    (encoded, customer): (&[Slots], &[OfCustomers]),
     features: &[f32],
     rows: usize,
 ) -> Option<Vec<Vec<Option<f32>>>> {
@@ -627,11 +794,14 @@ fn shadow_pass(
         let mut row = vec![0f32; encoder.width()];
         let mut n = 0;
         jobs.iter()
-            .map(|job| match job {
+            .zip(customer)
+            .map(|(job, of_customers)| match job {
                 Job::Payments(payments, ..) => payments
                     .iter()
-                    .map(|p| {
-                        encoder.encode_into(p, &mut row).ok().map(|()| {
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let of_customer = of_customers.get(i).and_then(Option::as_ref);
+                        encoder.encode_with(p, of_customer, &mut row).ok().map(|()| {
                             own.extend_from_slice(&row);
                             n += 1;
                             n - 1
@@ -703,7 +873,7 @@ fn explain(
     let groups = crate::features::FeatureGroup::ALL.len();
     let mut wanted: Vec<(usize, usize, usize)> = Vec::new(); // (job, payment, row)
     for (j, (job, slots)) in jobs.iter().zip(encoded).enumerate() {
-        let Job::Payments(_, explain, ..) = job else { continue };
+        let Job::Payments(_, _, explain, ..) = job else { continue };
         for (k, slot) in slots.iter().enumerate() {
             if let Ok(row) = slot {
                 if *explain == Explain::All || info.wants_reasons(outputs[*row][1]) {

@@ -114,6 +114,14 @@ pub mod metric {
     pub const MONITOR_EVICTIONS: &str = "fraudstream_monitor_evictions_total";
     /// Gauge, label `kind` (scored/labels): entries the join holds.
     pub const MONITOR_STATE: &str = "fraudstream_monitor_state_entries";
+    /// Histogram, seconds: rebuilding one partition's customer history (scorer) before scoring it.
+    pub const HISTORY_REBUILD_SECONDS: &str = "fraudstream_history_rebuild_seconds";
+    /// Counter: input records read back to rebuild customer histories.
+    pub const HISTORY_REBUILD_RECORDS: &str = "fraudstream_history_rebuild_records_total";
+    /// Gauge: customers whose history the scorer holds.
+    pub const HISTORY_CUSTOMERS: &str = "fraudstream_history_customers";
+    /// Gauge, bytes: heap held by customer histories.
+    pub const HISTORY_BYTES: &str = "fraudstream_history_bytes";
     /// Histogram, seconds: rebuilding one partition's join after a start or rebalance.
     pub const MONITOR_REBUILD_SECONDS: &str = "fraudstream_monitor_rebuild_seconds";
     /// Histogram, seconds, label `version` (the serving one): from scoring to the label (labelledAt - scoredAt).

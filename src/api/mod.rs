@@ -100,10 +100,11 @@ impl From<ScoringError> for ApiError {
         match e {
             ScoringError::NoModel => ApiError(StatusCode::SERVICE_UNAVAILABLE, "no model loaded yet".into()),
             ScoringError::NoShadow => ApiError(StatusCode::NOT_FOUND, e.to_string()),
-            ScoringError::BadWidth { .. } => bad_request(e.to_string()),
-            ScoringError::Stopped | ScoringError::Model(_) | ScoringError::NotProbabilities { .. } => {
-                ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-            }
+            ScoringError::BadWidth { .. } | ScoringError::RowsNeedHistory { .. } => bad_request(e.to_string()),
+            ScoringError::Stopped
+            | ScoringError::Model(_)
+            | ScoringError::NotProbabilities { .. }
+            | ScoringError::History(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
     }
 }

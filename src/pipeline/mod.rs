@@ -27,6 +27,7 @@ mod drift;
 mod failure;
 mod guard;
 mod offsets;
+mod replay;
 mod sink;
 mod source;
 mod ticket;
@@ -45,12 +46,14 @@ pub use batcher::{BatchPolicy, Batcher};
 pub use failure::{Failure, PipelineFailure};
 pub use guard::{DeadLetterGuard, GuardLimits};
 pub use offsets::OffsetTracker;
+pub use replay::{Decode, KafkaReplay};
 pub use sink::{truncate, DeadLetterReason, MAX_ERROR_HEADER_BYTES};
 pub use ticket::{Acks, InFlightLimits, Ticket};
 pub use transaction::{default_transactional_id, TransactionConfig};
 
 use crate::codec::{Codec, WireFormat};
 use crate::decision::Decision;
+use crate::history::Position;
 use crate::kafka::KafkaArgs;
 use crate::payment::Payment;
 use crate::registry::{RegistryConfig, SchemaRegistry, WriterSchemas};
@@ -307,6 +310,19 @@ pub async fn run(
         let (chunk_tx, chunk_rx) = mpsc::channel::<Vec<Event>>(16);
         let (batch_tx, batch_rx) = mpsc::channel::<Pending>(8);
         let policy = BatchPolicy { max_batch: config.max_batch.max(1), max_delay: config.max_delay };
+        // Customer histories are rebuilt from this input, decoded as the batcher decodes it.
+        let decode: replay::Decode = {
+            let (codec, schemas) = (config.input_codec, schemas.clone());
+            Box::new(move |bytes| decode_payment(&codec, schemas.as_deref(), bytes).ok())
+        };
+        let history = replay::KafkaReplay {
+            kafka: config.kafka.clone(),
+            group_id: config.group_id.clone(),
+            topic: config.input_topic.clone(),
+            decode,
+        };
+        // Fails only if the scoring service stopped, which the first batch reports.
+        let _ = scoring.set_replay(Some(Box::new(history))).await;
         let input = Input { codec: config.input_codec, schemas, state: state.clone(), stop: stop.clone() };
         let batching = tokio::spawn(batch(chunk_rx, policy, input, scoring, batch_tx));
         let drift = DriftMonitor::new(config.drift);
@@ -399,16 +415,19 @@ async fn submit(
 ) {
     let mut events = Vec::with_capacity(batch.len());
     let mut payments = Vec::with_capacity(batch.len());
+    let mut positions = Vec::with_capacity(batch.len());
     for (event, decoded) in batch {
         match decoded {
             Ok(payment) => {
                 payments.push(payment);
+                let (partition, offset) = (event.ticket.partition(), event.ticket.offset());
+                positions.push(Position { partition, offset, epoch: event.epoch });
                 events.push((event, None));
             }
             Err(error) => events.push((event, Some(error))),
         }
     }
-    let reply = match scoring.submit(payments, crate::scoring::Explain::AtReview).await {
+    let reply = match scoring.submit_stream(payments, positions).await {
         Ok(reply) => reply,
         Err(e) => {
             let (tx, rx) = oneshot::channel();
@@ -456,13 +475,19 @@ impl Input {
     }
 
     fn decode(&self, payload: &[u8]) -> Result<Payment, String> {
-        if payload.is_empty() {
-            return Err("empty message".to_string());
-        }
-        let fast = |bytes: &[u8]| self.codec.decode_payment(bytes).map_err(|e| e.to_string());
-        match self.schemas.as_ref().and_then(|s| s.read(payload, fast)) {
-            Some(read) => read.map_err(|e| e.to_string()),
-            None => fast(payload),
-        }
+        decode_payment(&self.codec, self.schemas.as_deref(), payload)
+    }
+}
+
+/// A payment from a record's bytes: by its writer schema where a registry is
+/// used and knows it, else by `codec`.
+fn decode_payment(codec: &Codec, schemas: Option<&WriterSchemas>, payload: &[u8]) -> Result<Payment, String> {
+    if payload.is_empty() {
+        return Err("empty message".to_string());
+    }
+    let fast = |bytes: &[u8]| codec.decode_payment(bytes).map_err(|e| e.to_string());
+    match schemas.and_then(|s| s.read(payload, fast)) {
+        Some(read) => read.map_err(|e| e.to_string()),
+        None => fast(payload),
     }
 }

@@ -62,6 +62,8 @@ impl DeadLetterReason {
 /// An event on its way through the pipeline, with its ticket.
 pub struct Event {
     pub ticket: Ticket,
+    /// The assignment of its partition it was read under (`history::Position`).
+    pub epoch: u64,
     pub key: Option<Vec<u8>>,
     /// Decoded by the batcher; kept for dead letters, which carry the original bytes.
     pub payload: Vec<u8>,

@@ -10,8 +10,8 @@
 //! consumer; the rest of the pipeline talks to it through the chunk channel
 //! and the tickets.
 
-use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,7 +90,14 @@ pub struct SourceHooks {
     intake: Intake,
     drain_timeout: Duration,
     phase: Mutex<Phase>,
+    /// Each owned partition's assignment number (`history::Position::epoch`):
+    /// events carry it, so the scoring thread knows when a partition's
+    /// customer history was built under an earlier assignment.
+    epochs: Mutex<HashMap<i32, u64>>,
 }
+
+/// Assignment numbers, unique in the process (a rewind's fresh source included).
+static NEXT_EPOCH: AtomicU64 = AtomicU64::new(1);
 
 impl SourceHooks {
     /// Commits what was acknowledged: the stored offsets (at least once), or
@@ -177,6 +184,11 @@ impl ConsumerContext for SourceHooks {
                     list.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
                 metrics::counter!(metric::REBALANCES, "kind" => "assign").increment(1);
                 tracing::info!(partitions = ?added, "partitions assigned");
+                let mut epochs = self.epochs.lock().expect("epochs lock");
+                for (_, partition) in &added {
+                    epochs.insert(*partition, NEXT_EPOCH.fetch_add(1, Ordering::Relaxed));
+                }
+                drop(epochs);
                 self.state.assign(added);
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -219,6 +231,7 @@ impl Source {
             intake: Intake { chunk: Mutex::new(Vec::new()), batcher: Mutex::new(batcher) },
             drain_timeout: config.drain_timeout,
             phase: Mutex::new(Phase::Consuming),
+            epochs: Mutex::new(HashMap::new()),
         };
         let consumer: BaseConsumer<SourceHooks> = config
             .kafka
@@ -366,7 +379,9 @@ impl Source {
                 sink.send_blocking(sink.output_topic(), message.key(), payload, Delivery::output(ticket, event_time));
             }
             false => {
+                let epoch = hooks.epochs.lock().expect("epochs lock").get(&message.partition()).copied().unwrap_or(0);
                 let event = Event {
+                    epoch,
                     ticket,
                     key: message.key().map(<[u8]>::to_vec),
                     payload: payload.to_vec(),

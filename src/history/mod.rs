@@ -34,11 +34,15 @@
 //! trainer from its training window (`MerchantRates`) and shipped in the
 //! model's feature spec.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod online;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
 use crate::payment::{Payment, STEP_MS};
+pub use online::{OnlineHistory, Position, Replay, ReplayError};
 
 /// The windows, in steps (days of event time).
 pub const WINDOWS: [i64; 3] = [1, 7, 30];
@@ -94,6 +98,9 @@ pub struct CustomerHistory {
     entries: VecDeque<Entry>,
     /// Effective time of the latest payment (0 before the first).
     latest: i64,
+    /// How many of `entries` are at each merchant (no zeros): distinct
+    /// merchants without a scan per payment.
+    merchants: Vec<(u64, u32)>,
 }
 
 impl CustomerHistory {
@@ -105,8 +112,6 @@ impl CustomerHistory {
     fn features(&self, now: i64, amount: f64) -> CustomerFeatures {
         let mut count = [0u32; 3];
         let mut sum = [0f64; 3];
-        let mut merchants = [0u64; MAX_MERCHANTS];
-        let mut distinct = 0;
         for entry in self.entries.iter().rev() {
             let age = now - entry.time;
             if age >= HORIZON_MS {
@@ -118,11 +123,19 @@ impl CustomerHistory {
                     sum[w] += entry.amount;
                 }
             }
-            if distinct < MAX_MERCHANTS && !merchants[..distinct].contains(&entry.merchant) {
-                merchants[distinct] = entry.merchant;
-                distinct += 1;
-            }
         }
+        // Entries kept but out of this payment's window (times only grow, so a prefix).
+        let stale = self.entries.iter().take_while(|e| now - e.time >= HORIZON_MS).count();
+        let mut distinct = self.merchants.len();
+        if stale > 0 {
+            let old = || self.entries.iter().take(stale);
+            distinct -= self
+                .merchants
+                .iter()
+                .filter(|(m, n)| old().filter(|e| e.merchant == *m).count() == *n as usize)
+                .count();
+        }
+        let distinct = distinct.min(MAX_MERCHANTS);
         let (n30, sum30) = (count[2], sum[2]);
         let vs_mean = if n30 == 0 { 0.0 } else { ((amount + 1.0) / (sum30 / f64::from(n30) + 1.0)).ln() };
         let since = match self.entries.back() {
@@ -131,26 +144,43 @@ impl CustomerHistory {
         };
         let ln = |x: f64| x.ln_1p() as f32;
         CustomerFeatures([
-            ln(f64::from(count[0])),
-            ln(f64::from(count[1])),
-            ln(f64::from(n30)),
+            ln_count(count[0] as usize),
+            ln_count(count[1] as usize),
+            ln_count(n30 as usize),
             ln(sum[0]),
             ln(sum[1]),
             ln(sum30),
             vs_mean as f32,
             since as f32,
-            ln(distinct as f64),
+            ln_count(distinct),
             if n30 == 0 { 1.0 } else { 0.0 },
         ])
     }
 
     fn record(&mut self, now: i64, amount: f64, merchant: u64) {
         self.entries.push_back(Entry { time: now, amount, merchant });
+        match self.merchants.iter_mut().find(|(m, _)| *m == merchant) {
+            Some((_, n)) => *n += 1,
+            None => self.merchants.push((merchant, 1)),
+        }
         self.latest = now;
         while self.entries.front().is_some_and(|e| now - e.time >= HORIZON_MS) || self.entries.len() > MAX_ENTRIES {
-            self.entries.pop_front();
+            let gone = self.entries.pop_front().expect("checked above").merchant;
+            let at = self.merchants.iter().position(|(m, _)| *m == gone).expect("every entry's merchant is counted");
+            self.merchants[at].1 -= 1;
+            if self.merchants[at].1 == 0 {
+                self.merchants.swap_remove(at);
+            }
         }
     }
+}
+
+/// `ln(1 + n)` of a count, looked up (counts stop at `MAX_ENTRIES`): the
+/// same value as computing it, at a fraction of the cost.
+fn ln_count(n: usize) -> f32 {
+    static TABLE: OnceLock<Vec<f32>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| (0..=MAX_ENTRIES).map(|n| (n as f64).ln_1p() as f32).collect());
+    table[n.min(MAX_ENTRIES)]
 }
 
 /// A stable 64-bit hash of a merchant id (FNV-1a): the same in every process.
@@ -162,7 +192,7 @@ fn merchant_hash(merchant: &str) -> u64 {
 /// (offline): the same code either way.
 #[derive(Debug, Default)]
 pub struct HistoryState {
-    customers: HashMap<String, CustomerHistory>,
+    customers: foldhash::HashMap<String, CustomerHistory>,
     /// Newest effective time seen.
     latest: i64,
     /// `latest` at the last eviction sweep.
@@ -207,6 +237,11 @@ impl HistoryState {
         self.swept = self.latest;
     }
 
+    /// Whether `customer` has history here.
+    pub fn knows(&self, customer: &str) -> bool {
+        self.customers.contains_key(customer)
+    }
+
     /// Customers held.
     pub fn customers(&self) -> usize {
         self.customers.len()
@@ -223,7 +258,11 @@ impl HistoryState {
         let held: usize = self
             .customers
             .iter()
-            .map(|(id, h)| id.capacity() + h.entries.capacity() * std::mem::size_of::<Entry>())
+            .map(|(id, h)| {
+                id.capacity()
+                    + h.entries.capacity() * std::mem::size_of::<Entry>()
+                    + h.merchants.capacity() * std::mem::size_of::<(u64, u32)>()
+            })
             .sum();
         table + held
     }
