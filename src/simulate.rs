@@ -382,8 +382,9 @@ impl Alias {
 fn plan_frauds(rng: &mut impl Rng, step_sizes: &[u64], frauds: u64, pool: &[u32]) -> (Vec<u32>, Vec<usize>) {
     // Episodes start in proportion to the day's volume, so the fraud rate stays level as volume grows.
     let anchor = Categorical::new(step_sizes.iter().map(|&s| s as f64));
-    // At most a third of a day's payments are fraud (matters for tiny runs only).
-    let room = |step: usize| step_sizes[step] / 3;
+    // At most a third of a day's payments (rounded up) are fraud; this
+    // matters for tiny runs only.
+    let room = |step: usize| step_sizes[step].div_ceil(3);
     let mut per_step = vec![0u64; step_sizes.len()];
     let mut planned: Vec<(u16, u32)> = Vec::with_capacity(frauds as usize);
     let mut attempts = 0u64;
@@ -820,6 +821,7 @@ mod tests {
         let b: Vec<Payment> = Simulator::new(500, 7).collect();
         let c: Vec<Payment> = Simulator::new(500, 8).collect();
         assert_eq!(a.len(), 500);
+        assert_eq!(a.iter().filter(|p| p.fraud == Some(true)).count(), 6, "a small run has its frauds too");
         assert_eq!(a, b);
         assert_ne!(a, c);
     }
