@@ -452,12 +452,6 @@ fn run(
     let mut keeping = false;
     let mut pending: Option<Job> = None;
     loop {
-        let wants = [model.as_ref(), shadow.as_ref()].into_iter().flatten().any(|(m, _)| m.encoder().needs_history());
-        if wants != keeping {
-            // Not kept until now (stale) or no longer needed (memory): start over.
-            history.clear();
-            keeping = wants;
-        }
         let Some(first) = pending.take().or_else(|| rx.blocking_recv()) else { return };
         let mut jobs = Vec::new();
         let mut rows = 0;
@@ -534,6 +528,13 @@ fn run(
         }
         if jobs.is_empty() {
             continue;
+        }
+        // After this batch's swaps: the models that score it decide.
+        let wants = [model.as_ref(), shadow.as_ref()].into_iter().flatten().any(|(m, _)| m.encoder().needs_history());
+        if wants != keeping {
+            // Not kept until now (stale) or no longer needed (memory): start over.
+            history.clear();
+            keeping = wants;
         }
         let (for_shadow, for_serving): (Vec<Job>, Vec<Job>) =
             jobs.into_iter().partition(|job| job.target() == Some(Target::Shadow));

@@ -14,19 +14,26 @@ use std::time::Duration;
 
 use fraudstream::feature_log::FeatureLine;
 use fraudstream::features::FeatureSet;
+use fraudstream::history::{Position, Replay, ReplayError};
 use fraudstream::model::{Model, ModelStore};
+use fraudstream::scoring::ScoringService;
 use fraudstream::training::{data::DataSource, run_once, train::TrainConfig, TrainerOptions};
 use fraudstream::{Payment, Simulator};
 use harness::{read_outputs, records, Scorer, CODEC};
 
 /// A model on the history feature set, published to a local store.
 async fn history_model(store: &Path) -> Model {
+    trained(store, FeatureSet::History).await
+}
+
+/// A model on `features`, published to a local store.
+async fn trained(store: &Path, features: FeatureSet) -> Model {
     let url = store.display().to_string();
     let outcome = run_once(&TrainerOptions {
         data: DataSource::Simulator { rows: 60_000, seed: 71 },
         model_store: url.clone(),
         device: fraudstream::model::Device::Cpu,
-        features: FeatureSet::History,
+        features,
         train: TrainConfig { seed: 71, max_epochs: 6, ..TrainConfig::default() },
         ..TrainerOptions::default()
     })
@@ -259,4 +266,78 @@ async fn online_features_equal_the_trainers_across_a_rebalance_a_crash_and_a_res
     assert!(explained > 0 && by_history > 0, "no reasons ({explained}), or none from the history ({by_history})");
     assert!(checked >= sent.len());
     assert!(rest > 0.0);
+}
+
+/// The input topic, in memory: payments per partition, each at its index.
+struct Topic(HashMap<i32, Vec<Payment>>, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Replay for Topic {
+    fn replay(
+        &mut self,
+        partition: i32,
+        until: i64,
+        _since_ms: i64,
+        visit: &mut dyn FnMut(&Payment),
+    ) -> Result<u64, ReplayError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let read = &self.0[&partition][..until as usize];
+        read.iter().for_each(visit);
+        Ok(read.len() as u64)
+    }
+}
+
+/// A scorer serving a 28-feature version keeps no history; the first batch
+/// after a swap to a history version must still get its customers' features
+/// (rebuilt then), never a payment refused for lack of them; a new
+/// assignment (epoch) rebuilds again. Scores equal the trainer's rows'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_to_a_history_version_rebuilds_before_its_first_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let payment_model = trained(&dir.path().join("payment"), FeatureSet::Payment).await;
+    let history_model = trained(&dir.path().join("history"), FeatureSet::History).await;
+    let mut stream: Vec<Payment> = Simulator::new(20_000, 73).map(|p| Payment { fraud: None, ..p }).collect();
+    stream.sort_by_key(|p| p.event_time);
+    let offline = fraudstream::history::offline(&stream);
+    let want = history_model.score_payments_with(&stream, &offline).unwrap();
+    // Two partitions by customer; a payment's offset is its index in its partition.
+    let mut partitions: HashMap<i32, Vec<Payment>> = HashMap::new();
+    let mut at = Vec::new();
+    for p in &stream {
+        let partition = i32::from(p.customer.bytes().fold(0u8, u8::wrapping_add) % 2);
+        let list = partitions.entry(partition).or_default();
+        at.push((partition, list.len() as i64));
+        list.push(p.clone());
+    }
+    let rebuilds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let scoring = ScoringService::start(1024, 64);
+    scoring.swap(payment_model).await.unwrap();
+    scoring.set_replay(Some(Box::new(Topic(partitions, rebuilds.clone())))).await.unwrap();
+    let submit = async |range: std::ops::Range<usize>, epoch: u64| {
+        let positions = range.clone().map(|i| Position { partition: at[i].0, offset: at[i].1, epoch }).collect();
+        scoring.submit_stream(stream[range].to_vec(), positions).await.unwrap().await.unwrap().unwrap()
+    };
+    let first = submit(0..5_000, 1).await;
+    assert!(first.results.iter().all(Result::is_ok));
+    assert_eq!(rebuilds.load(std::sync::atomic::Ordering::Relaxed), 0, "a 28-feature version keeps no history");
+    // The swap and the next batch, queued back to back.
+    let swap = scoring.swap(history_model);
+    let (swapped, next) = tokio::join!(swap, submit(5_000..10_000, 1));
+    swapped.unwrap();
+    let mut scored = 0;
+    for (batch, start) in
+        [(next, 5_000), (submit(10_000..15_000, 1).await, 10_000), (submit(15_000..20_000, 2).await, 15_000)]
+    {
+        for (k, result) in batch.results.iter().enumerate() {
+            let i = start + k;
+            if batch.model.feature_spec.history.is_none() {
+                continue; // queued before the swap
+            }
+            let p = result.as_ref().unwrap_or_else(|e| panic!("payment {i} refused after the swap: {e}"))[1];
+            assert!((p - want[i]).abs() <= 1e-6, "payment {i}: {p} online, {} on the trainer's row", want[i]);
+            scored += 1;
+        }
+    }
+    assert!(scored >= 10_000, "{scored} payments scored by the history version");
+    // One rebuild per partition after the swap, and again under the new epoch.
+    assert_eq!(rebuilds.load(std::sync::atomic::Ordering::Relaxed), 4);
 }
