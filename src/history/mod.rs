@@ -20,9 +20,10 @@
 //! too): the state is then a function of the last 30 steps of the input alone,
 //! so a scorer that restarts or gains a partition rebuilds it exactly by
 //! re-reading that window of the topic, and customers idle longer than the
-//! window can be evicted without changing any feature. Sums are recomputed
-//! from the window's entries (never kept running), so they do not depend on
-//! where a replay started.
+//! window can be evicted without changing any feature. Amounts are summed
+//! in whole cents: integer sums do not depend on the order they were added
+//! in, so running sums per window (a payment costs the same however many
+//! came before) end equal however a replay started.
 //!
 //! Time: a payment earlier than the customer's latest counts at the latest
 //! (`effective time`), so each customer's time never goes back. Eviction
@@ -88,11 +89,27 @@ impl CustomerFeatures {
 struct Entry {
     /// Effective event time (never before the customer's previous one).
     time: i64,
-    amount: f64,
+    /// The amount in whole cents (`cents`): sums of integers do not depend
+    /// on the order they were added in, so running sums stay exact however
+    /// a replay started.
+    cents: i64,
     merchant: u64,
 }
 
-/// One customer's payments in the window, oldest first.
+/// Amounts count in the sums up to this many cents (10^13 in money): 1,024
+/// of them cannot overflow.
+const MAX_CENTS: i64 = 1_000_000_000_000_000;
+
+/// An amount in whole cents, as the sums hold it.
+fn cents(amount: f64) -> i64 {
+    (amount * 100.0).round().clamp(0.0, MAX_CENTS as f64) as i64
+}
+
+/// The short windows kept with running sums (the longest is the whole history).
+const SHORT: usize = 2;
+
+/// One customer's payments in the window, oldest first, with running counts
+/// and sums per window, so a payment costs the same however many came before.
 #[derive(Debug, Clone, Default)]
 pub struct CustomerHistory {
     entries: VecDeque<Entry>,
@@ -101,6 +118,10 @@ pub struct CustomerHistory {
     /// How many of `entries` are at each merchant (no zeros): distinct
     /// merchants without a scan per payment.
     merchants: Vec<(u64, u32)>,
+    /// Per short window (1 and 7 steps): its payments are `entries[start..]`.
+    starts: [usize; SHORT],
+    /// Cents of the payments in each window (1, 7, 30 steps: the last is every entry).
+    sums: [i64; 3],
 }
 
 impl CustomerHistory {
@@ -108,10 +129,54 @@ impl CustomerHistory {
         time.max(self.latest)
     }
 
-    /// The features of a payment of `amount` at effective time `now`.
+    /// Drops what `now` no longer sees: payments older than the longest
+    /// window leave, the short windows' starts move on. Times only grow per
+    /// customer, so nothing dropped is ever seen again.
+    fn advance(&mut self, now: i64) {
+        while self.entries.front().is_some_and(|e| now - e.time >= HORIZON_MS) {
+            self.pop_front();
+        }
+        for (w, steps) in WINDOWS[..SHORT].iter().enumerate() {
+            while let Some(e) = self.entries.get(self.starts[w]).filter(|e| now - e.time >= steps * STEP_MS) {
+                self.sums[w] -= e.cents;
+                self.starts[w] += 1;
+            }
+        }
+    }
+
+    fn pop_front(&mut self) {
+        let Some(gone) = self.entries.pop_front() else { return };
+        self.sums[SHORT] -= gone.cents;
+        for w in 0..SHORT {
+            if self.starts[w] > 0 {
+                self.starts[w] -= 1;
+            } else {
+                self.sums[w] -= gone.cents;
+            }
+        }
+        let at =
+            self.merchants.iter().position(|(m, _)| *m == gone.merchant).expect("every entry's merchant is counted");
+        self.merchants[at].1 -= 1;
+        if self.merchants[at].1 == 0 {
+            self.merchants.swap_remove(at);
+        }
+    }
+
+    /// The features of a payment of `amount` at effective time `now`, from
+    /// the running sums (after `advance(now)`).
+    fn take(&mut self, now: i64, amount: f64) -> CustomerFeatures {
+        self.advance(now);
+        let n = self.entries.len();
+        let count = [n - self.starts[0], n - self.starts[1], n];
+        let since = self.entries.back().map(|last| now - last.time);
+        finish(count, self.sums, self.merchants.len(), since, amount)
+    }
+
+    /// The same features without changing anything (REST reads): the
+    /// window's payments counted one by one.
     fn features(&self, now: i64, amount: f64) -> CustomerFeatures {
-        let mut count = [0u32; 3];
-        let mut sum = [0f64; 3];
+        let mut count = [0usize; 3];
+        let mut sums = [0i64; 3];
         for entry in self.entries.iter().rev() {
             let age = now - entry.time;
             if age >= HORIZON_MS {
@@ -120,7 +185,7 @@ impl CustomerHistory {
             for (w, steps) in WINDOWS.iter().enumerate() {
                 if age < steps * STEP_MS {
                     count[w] += 1;
-                    sum[w] += entry.amount;
+                    sums[w] += entry.cents;
                 }
             }
         }
@@ -135,44 +200,49 @@ impl CustomerHistory {
                 .filter(|(m, n)| old().filter(|e| e.merchant == *m).count() == *n as usize)
                 .count();
         }
-        let distinct = distinct.min(MAX_MERCHANTS);
-        let (n30, sum30) = (count[2], sum[2]);
-        let vs_mean = if n30 == 0 { 0.0 } else { ((amount + 1.0) / (sum30 / f64::from(n30) + 1.0)).ln() };
-        let since = match self.entries.back() {
-            Some(last) => ((now - last.time) as f64 / STEP_MS as f64).min(30.0) / 30.0,
-            None => 1.0,
-        };
-        let ln = |x: f64| x.ln_1p() as f32;
-        CustomerFeatures([
-            ln_count(count[0] as usize),
-            ln_count(count[1] as usize),
-            ln_count(n30 as usize),
-            ln(sum[0]),
-            ln(sum[1]),
-            ln(sum30),
-            vs_mean as f32,
-            since as f32,
-            ln_count(distinct),
-            if n30 == 0 { 1.0 } else { 0.0 },
-        ])
+        let since = self.entries.back().map(|last| now - last.time);
+        finish(count, sums, distinct, since, amount)
     }
 
     fn record(&mut self, now: i64, amount: f64, merchant: u64) {
-        self.entries.push_back(Entry { time: now, amount, merchant });
+        self.advance(now);
+        let cents = cents(amount);
+        self.entries.push_back(Entry { time: now, cents, merchant });
+        for sum in &mut self.sums {
+            *sum += cents;
+        }
         match self.merchants.iter_mut().find(|(m, _)| *m == merchant) {
             Some((_, n)) => *n += 1,
             None => self.merchants.push((merchant, 1)),
         }
         self.latest = now;
-        while self.entries.front().is_some_and(|e| now - e.time >= HORIZON_MS) || self.entries.len() > MAX_ENTRIES {
-            let gone = self.entries.pop_front().expect("checked above").merchant;
-            let at = self.merchants.iter().position(|(m, _)| *m == gone).expect("every entry's merchant is counted");
-            self.merchants[at].1 -= 1;
-            if self.merchants[at].1 == 0 {
-                self.merchants.swap_remove(at);
-            }
+        while self.entries.len() > MAX_ENTRIES {
+            self.pop_front();
         }
     }
+}
+
+/// The features from a window's counts and cents (1, 7, 30 steps), its
+/// distinct merchants and the time since the previous payment: one formula
+/// for the running and the counted path, so they agree to the bit.
+fn finish(count: [usize; 3], sums: [i64; 3], distinct: usize, since: Option<i64>, amount: f64) -> CustomerFeatures {
+    let money = |cents: i64| cents as f64 / 100.0;
+    let n30 = count[2];
+    let vs_mean = if n30 == 0 { 0.0 } else { ((amount + 1.0) / (money(sums[2]) / n30 as f64 + 1.0)).ln() };
+    let since = since.map_or(1.0, |ms| (ms as f64 / STEP_MS as f64).min(30.0) / 30.0);
+    let ln = |x: f64| x.ln_1p() as f32;
+    CustomerFeatures([
+        ln_count(count[0]),
+        ln_count(count[1]),
+        ln_count(n30),
+        ln(money(sums[0])),
+        ln(money(sums[1])),
+        ln(money(sums[2])),
+        vs_mean as f32,
+        since as f32,
+        ln_count(distinct.min(MAX_MERCHANTS)),
+        if n30 == 0 { 1.0 } else { 0.0 },
+    ])
 }
 
 /// `ln(1 + n)` of a count, looked up (counts stop at `MAX_ENTRIES`): the
@@ -200,7 +270,20 @@ pub struct HistoryState {
 }
 
 impl HistoryState {
-    /// `payment`'s customer features, from the customer's earlier payments.
+    /// `payment`'s customer features, from the customer's earlier payments,
+    /// moving its windows on (the stream's path; `features` reads only).
+    pub fn take(&mut self, payment: &Payment) -> CustomerFeatures {
+        match self.customers.get_mut(&payment.customer) {
+            Some(history) => {
+                let now = history.effective(payment.event_time);
+                history.take(now, payment.amount)
+            }
+            None => CustomerFeatures::new_customer(payment.amount),
+        }
+    }
+
+    /// `payment`'s customer features, from the customer's earlier payments,
+    /// changing nothing (REST).
     pub fn features(&self, payment: &Payment) -> CustomerFeatures {
         match self.customers.get(&payment.customer) {
             Some(history) => history.features(history.effective(payment.event_time), payment.amount),
@@ -224,7 +307,7 @@ impl HistoryState {
 
     /// The features of `payment`, then records it: one step of the stream.
     pub fn observe(&mut self, payment: &Payment) -> CustomerFeatures {
-        let features = self.features(payment);
+        let features = self.take(payment);
         self.record(payment);
         features
     }
@@ -444,6 +527,22 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_customer_keeps_its_newest_payments_and_both_paths_agree() {
+        let mut state = HistoryState::default();
+        for i in 0..(MAX_ENTRIES as i64 + 100) {
+            let p = pay("C1", 0, i, &format!("M{}", i % 70), 1.25);
+            assert_eq!(state.features(&p), state.take(&p), "payment {i}");
+            state.record(&p);
+        }
+        let next = pay("C1", 0, 5_000, "M1", 1.0);
+        let f = state.features(&next);
+        assert_eq!(f, state.take(&next));
+        assert_eq!(f.0[0], (MAX_ENTRIES as f64).ln_1p() as f32, "counts saturate at the entries kept");
+        assert_eq!(f.0[3], (MAX_ENTRIES as f64 * 1.25).ln_1p() as f32, "sums over the entries kept");
+        assert_eq!(f.0[8], (MAX_MERCHANTS as f64).ln_1p() as f32, "distinct merchants saturate");
+    }
+
+    #[test]
     fn merchant_rates_shrink_towards_the_category_and_fall_back() {
         let mut train = Vec::new();
         for i in 0..100 {
@@ -475,7 +574,16 @@ mod tests {
                 p.payment_id = i.to_string();
                 p
             }).collect();
-            let online = offline(&payments);
+            // The running path (what the stream takes) equals the counted one (what REST reads).
+            let mut state = HistoryState::default();
+            let mut online = Vec::new();
+            for p in &payments {
+                let read = state.features(p);
+                let taken = state.observe(p);
+                prop_assert_eq!(read, taken);
+                online.push(taken);
+            }
+            prop_assert_eq!(&online, &offline(&payments));
             for (i, p) in payments.iter().enumerate() {
                 let earlier: Vec<&Payment> = payments[..i].iter().filter(|e| e.customer == p.customer).collect();
                 let want = naive(&earlier, p);

@@ -97,7 +97,7 @@ impl OnlineHistory {
         }
         let history = self.partitions.get_mut(&at.partition).expect("rebuilt above");
         history.next = at.offset + 1;
-        Ok(history.state.features(payment))
+        Ok(history.state.take(payment))
     }
 
     /// Records a scored stream payment as its customer's latest.
