@@ -87,46 +87,20 @@ async fn rest_reads_the_history_without_recording(model: &Model, sent: &[Payment
     want
 }
 
-/// The reasons for `payment` computed here from the trainer's `row`: each of
-/// the six groups' columns replaced by the training reference, the score
-/// difference, the top three.
+/// The reasons for `payment` computed here from the trainer's `row`: the
+/// payment's four groups and the two history groups, written out.
 fn reasons_on_the_trainers_row(model: &Model, payment: &Payment, row: &[f32]) -> Vec<(String, String, f64)> {
     let count = |x: f32| f64::from(x).exp_m1().round();
-    let groups: [(&str, std::ops::Range<usize>, String); 6] = [
-        ("amount", 0..1, format!("{:.2}", payment.amount)),
-        ("category", 1..16, payment.category.clone()),
-        ("age", 16..24, payment.age.clone()),
-        ("gender", 24..28, payment.gender.clone()),
-        (
-            "customer_history",
-            28..38,
-            format!(
-                "{} payments in the last day, {} in 7 days, {} in 30 days",
-                count(row[28]),
-                count(row[29]),
-                count(row[30])
-            ),
-        ),
-        ("merchant", 38..39, format!("{} ({:.1}% fraud in training)", payment.merchant, 100.0 * row[38])),
-    ];
-    let reference = &model.manifest().feature_reference;
-    let mut rows = row.to_vec();
-    for (_, columns, _) in &groups {
-        let mut copy = row.to_vec();
-        copy[columns.clone()].copy_from_slice(&reference[columns.clone()]);
-        rows.extend(copy);
-    }
-    let scores = model.predict(&rows, 7).unwrap();
-    let mut reasons: Vec<(String, String, f64)> = groups
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _, value))| {
-            (name.to_string(), value.clone(), f64::from(scores[0][1]) - f64::from(scores[i + 1][1]))
-        })
-        .collect();
-    reasons.sort_by(|a, b| b.2.total_cmp(&a.2));
-    reasons.truncate(3);
-    reasons
+    let mut groups = common::payment_groups(payment);
+    let history = format!(
+        "{} payments in the last day, {} in 7 days, {} in 30 days",
+        count(row[28]),
+        count(row[29]),
+        count(row[30])
+    );
+    groups.push(("customer_history", 28..38, history));
+    groups.push(("merchant", 38..39, format!("{} ({:.1}% fraud in training)", payment.merchant, 100.0 * row[38])));
+    common::reasons_of_row(model, row, &groups)
 }
 
 /// Every line of the feature logs in `dir` (a line cut short by `kill -9` is skipped).

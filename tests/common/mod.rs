@@ -154,6 +154,19 @@ pub async fn read_topic(
     out
 }
 
+/// A feature group as the tests write it out: name, columns, the value reasons show.
+pub type Group = (&'static str, std::ops::Range<usize>, String);
+
+/// The original demo's four groups of `payment`, written out.
+pub fn payment_groups(payment: &fraudstream::Payment) -> Vec<Group> {
+    vec![
+        ("amount", 0..1, format!("{:.2}", payment.amount)),
+        ("category", 1..16, payment.category.clone()),
+        ("age", 16..24, payment.age.clone()),
+        ("gender", 24..28, payment.gender.clone()),
+    ]
+}
+
 /// Reason codes for `payment`, computed here without fraudstream's reason
 /// code: the payment's row, and one copy per feature group (the original
 /// demo's layout, written out) with that group's columns set to the
@@ -163,22 +176,21 @@ pub fn independent_reasons(
     model: &fraudstream::model::Model,
     payment: &fraudstream::Payment,
 ) -> Vec<(String, String, f64)> {
-    let groups: [(&str, std::ops::Range<usize>, String); 4] = [
-        ("amount", 0..1, format!("{:.2}", payment.amount)),
-        ("category", 1..16, payment.category.clone()),
-        ("age", 16..24, payment.age.clone()),
-        ("gender", 24..28, payment.gender.clone()),
-    ];
-    let reference = &model.manifest().feature_reference;
-    assert_eq!(reference.len(), 28, "the version has no training reference");
+    assert_eq!(model.manifest().feature_reference.len(), 28, "the version has no training reference");
     let row = model.encoder().encode(payment).unwrap();
-    let mut rows = row.clone();
-    for (_, columns, _) in &groups {
-        let mut copy = row.clone();
+    reasons_of_row(model, &row, &payment_groups(payment))
+}
+
+/// The same for an encoded `row` and the version's `groups`.
+pub fn reasons_of_row(model: &fraudstream::model::Model, row: &[f32], groups: &[Group]) -> Vec<(String, String, f64)> {
+    let reference = &model.manifest().feature_reference;
+    let mut rows = row.to_vec();
+    for (_, columns, _) in groups {
+        let mut copy = row.to_vec();
         copy[columns.clone()].copy_from_slice(&reference[columns.clone()]);
         rows.extend(copy);
     }
-    let scores = model.predict(&rows, 5).unwrap();
+    let scores = model.predict(&rows, groups.len() + 1).unwrap();
     let mut reasons: Vec<(String, String, f64)> = groups
         .iter()
         .enumerate()
