@@ -172,6 +172,10 @@ pub enum ScoringError {
          pre-encoded rows (:predict, infer) cannot carry the history; send payments (:classify, :score)"
     )]
     RowsNeedHistory { version: String, width: usize },
+    /// A history version's payment reached the encoder without its
+    /// customer's features: ours to fix, never the payment's (not dead-lettered).
+    #[error("{0} (a scorer bug: the batch fails instead of dead-lettering a valid payment)")]
+    HistoryNotKept(Box<EncodeError>),
 }
 
 impl From<ModelError> for ScoringError {
@@ -626,6 +630,9 @@ fn encode_payments(
             *out.n += 1;
             *out.n - 1
         });
+        if let Err(missing @ EncodeError::MissingHistory { .. }) = slot {
+            return Err(ScoringError::HistoryNotKept(Box::new(missing)));
+        }
         if let (Some(h), Some(at), Ok(_)) = (history.as_deref_mut(), at, &slot) {
             h.record(p, at);
         }

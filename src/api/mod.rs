@@ -104,7 +104,8 @@ impl From<ScoringError> for ApiError {
             ScoringError::Stopped
             | ScoringError::Model(_)
             | ScoringError::NotProbabilities { .. }
-            | ScoringError::History(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            | ScoringError::History(_)
+            | ScoringError::HistoryNotKept(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
     }
 }
