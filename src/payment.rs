@@ -8,6 +8,7 @@ use std::io::{BufRead, Write};
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::LabelRef;
 use crate::decision::{Decision, Reason};
 
 /// Event time given to BankSim rows read from CSV: step 0 is this instant
@@ -144,9 +145,16 @@ impl PaymentLabel {
 
     /// What no join can use: a label must name its payment and customer.
     pub fn validate(&self) -> Result<(), InvalidPayment> {
-        for (field, value) in [("paymentId", &self.payment_id), ("customer", &self.customer)] {
+        self.as_ref().validate()
+    }
+}
+
+impl LabelRef<'_> {
+    /// What no join can use: a label must name its payment and customer.
+    pub fn validate(&self) -> Result<(), InvalidPayment> {
+        for (field, value) in [("paymentId", self.payment_id), ("customer", self.customer)] {
             if value.is_empty() {
-                return Err(InvalidPayment::EmptyField { payment_id: self.payment_id.clone(), field });
+                return Err(InvalidPayment::EmptyField { payment_id: self.payment_id.to_string(), field });
             }
         }
         Ok(())

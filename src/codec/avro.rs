@@ -11,8 +11,9 @@
 //! Decoding never panics and never trusts a length: every read is bounds-
 //! checked, and errors name the field so a dead letter says what was wrong.
 
+use super::borrowed::{LabelRef, PaymentRef, ScoredRef, ShadowRef};
 use crate::decision::{Decision, Reason};
-use crate::payment::{Payment, PaymentLabel, ScoredPayment, ShadowScore};
+use crate::payment::{Payment, PaymentLabel, ScoredPayment};
 
 /// Why an Avro body could not be read.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -149,18 +150,23 @@ pub fn write_scored_payment(out: &mut Vec<u8>, s: &ScoredPayment) {
 
 /// Reads a `Payment` body from the front of `input`, advancing it.
 pub fn read_payment(input: &mut &[u8]) -> Result<Payment, AvroError> {
+    read_payment_ref(input).map(PaymentRef::into_owned)
+}
+
+/// A `Payment` body read from the front of `input` without copying it.
+pub fn read_payment_ref<'b>(input: &mut &'b [u8]) -> Result<PaymentRef<'b>, AvroError> {
     let mut r = Reader(input);
-    Ok(Payment {
-        payment_id: r.string("paymentId")?,
+    Ok(PaymentRef {
+        payment_id: r.str("paymentId")?,
         event_time: r.long("eventTime")?,
         step: r.int("step")?,
-        customer: r.string("customer")?,
-        age: r.string("age")?,
-        gender: r.string("gender")?,
-        zipcode_ori: r.string("zipcodeOri")?,
-        merchant: r.string("merchant")?,
-        zip_merchant: r.string("zipMerchant")?,
-        category: r.string("category")?,
+        customer: r.str("customer")?,
+        age: r.str("age")?,
+        gender: r.str("gender")?,
+        zipcode_ori: r.str("zipcodeOri")?,
+        merchant: r.str("merchant")?,
+        zip_merchant: r.str("zipMerchant")?,
+        category: r.str("category")?,
         amount: r.double("amount")?,
         fraud: match r.long("fraud")? {
             0 => None,
@@ -170,21 +176,26 @@ pub fn read_payment(input: &mut &[u8]) -> Result<Payment, AvroError> {
     })
 }
 
-/// Reads a `ScoredPayment` body from the front of `input`, advancing it. A
-/// body that ends after `scoredAt` was written with schema id 2 (before
-/// `decision` and `reasons`), one that ends after `reasons` with schema id 3
-/// (before `shadow`): they read with the missing fields' defaults, as Avro's
-/// schema resolution would.
+/// Reads a `ScoredPayment` body from the front of `input`, advancing it.
 pub fn read_scored_payment(input: &mut &[u8]) -> Result<ScoredPayment, AvroError> {
-    let payment = read_payment(input)?;
+    read_scored_ref(input).map(ScoredRef::into_owned)
+}
+
+/// A `ScoredPayment` body read from the front of `input` without copying
+/// it. A body that ends after `scoredAt` was written with schema id 2
+/// (before `decision` and `reasons`), one that ends after `reasons` with
+/// schema id 3 (before `shadow`): they read with the missing fields'
+/// defaults, as Avro's schema resolution would.
+pub fn read_scored_ref<'b>(input: &mut &'b [u8]) -> Result<ScoredRef<'b>, AvroError> {
+    let payment = read_payment_ref(input)?;
     let mut r = Reader(input);
-    let mut scored = ScoredPayment {
+    let mut scored = ScoredRef {
         payment,
         fraud_probability: r.double("fraudProbability")?,
         is_fraud: r.boolean("isFraud")?,
         threshold: r.double("threshold")?,
-        model_name: r.string("modelName")?,
-        model_version: r.string("modelVersion")?,
+        model_name: r.str("modelName")?,
+        model_version: r.str("modelVersion")?,
         scored_at: r.long("scoredAt")?,
         decision: None,
         reasons: Vec::new(),
@@ -214,8 +225,8 @@ pub fn read_scored_payment(input: &mut &[u8]) -> Result<ScoredPayment, AvroError
         }
         for _ in 0..count {
             scored.reasons.push(Reason {
-                feature: r.string("reasons.feature")?,
-                value: r.string("reasons.value")?,
+                feature: r.str("reasons.feature")?.to_owned(),
+                value: r.str("reasons.value")?.to_owned(),
                 contribution: r.double("reasons.contribution")?,
             });
         }
@@ -225,8 +236,8 @@ pub fn read_scored_payment(input: &mut &[u8]) -> Result<ScoredPayment, AvroError
     }
     scored.shadow = match r.long("shadow")? {
         0 => None,
-        1 => Some(ShadowScore {
-            model_version: r.string("shadow.modelVersion")?,
+        1 => Some(ShadowRef {
+            model_version: r.str("shadow.modelVersion")?,
             fraud_probability: r.double("shadow.fraudProbability")?,
             is_fraud: r.boolean("shadow.isFraud")?,
             decision: r.decision("shadow.decision")?,
@@ -272,13 +283,18 @@ pub fn write_label(out: &mut Vec<u8>, l: &PaymentLabel) {
 
 /// Reads a `PaymentLabel` body from the front of `input`, advancing it.
 pub fn read_label(input: &mut &[u8]) -> Result<PaymentLabel, AvroError> {
+    read_label_ref(input).map(LabelRef::into_owned)
+}
+
+/// A `PaymentLabel` body read from the front of `input` without copying it.
+pub fn read_label_ref<'b>(input: &mut &'b [u8]) -> Result<LabelRef<'b>, AvroError> {
     let mut r = Reader(input);
-    Ok(PaymentLabel {
-        payment_id: r.string("paymentId")?,
-        customer: r.string("customer")?,
+    Ok(LabelRef {
+        payment_id: r.str("paymentId")?,
+        customer: r.str("customer")?,
         fraud: r.boolean("fraud")?,
         labelled_at: r.long("labelledAt")?,
-        source: r.string("source")?,
+        source: r.str("source")?,
     })
 }
 
@@ -308,12 +324,13 @@ fn write_boolean(out: &mut Vec<u8>, value: bool) {
 /// A cursor over an Avro body that borrows the caller's slice.
 struct Reader<'a, 'b>(&'a mut &'b [u8]);
 
-impl Reader<'_, '_> {
-    fn take(&mut self, n: usize, field: &'static str) -> Result<&[u8], AvroError> {
-        if self.0.len() < n {
+impl<'b> Reader<'_, 'b> {
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'b [u8], AvroError> {
+        let rest: &'b [u8] = self.0;
+        if rest.len() < n {
             return Err(AvroError::Truncated { field });
         }
-        let (head, tail) = self.0.split_at(n);
+        let (head, tail) = rest.split_at(n);
         *self.0 = tail;
         Ok(head)
     }
@@ -341,11 +358,10 @@ impl Reader<'_, '_> {
         self.take(n, field).map(|_| ())
     }
 
-    fn string(&mut self, field: &'static str) -> Result<String, AvroError> {
+    fn str(&mut self, field: &'static str) -> Result<&'b str, AvroError> {
         let length = self.long(field)?;
         let n = usize::try_from(length).map_err(|_| AvroError::NegativeLength { field, length })?;
-        let bytes = self.take(n, field)?;
-        std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| AvroError::InvalidUtf8 { field })
+        std::str::from_utf8(self.take(n, field)?).map_err(|_| AvroError::InvalidUtf8 { field })
     }
 
     fn double(&mut self, field: &'static str) -> Result<f64, AvroError> {
@@ -379,6 +395,7 @@ mod tests {
 
     use super::*;
     use crate::codec::{PAYMENT_LABEL_SCHEMA_JSON, PAYMENT_SCHEMA_JSON, SCORED_PAYMENT_SCHEMA_JSON};
+    use crate::payment::ShadowScore;
 
     fn schema(json: &str) -> Schema {
         Schema::parse_str(json).expect("schema parses")
@@ -566,7 +583,9 @@ mod tests {
             write_label(&mut ours, &l);
             prop_assert_eq!(&ours, &reference_write(PAYMENT_LABEL_SCHEMA_JSON, &l));
             prop_assert_eq!(reference_read::<PaymentLabel>(PAYMENT_LABEL_SCHEMA_JSON, &ours), Some(l.clone()));
-            prop_assert_eq!(read_label(&mut ours.as_slice()), Ok(l));
+            prop_assert_eq!(read_label(&mut ours.as_slice()), Ok(l.clone()));
+            prop_assert_eq!(read_label_ref(&mut ours.as_slice()), Ok(l.as_ref()));
+            prop_assert_eq!(l.as_ref().into_owned(), l);
         }
 
         #[test]
@@ -575,7 +594,10 @@ mod tests {
             write_scored_payment(&mut ours, &s);
             prop_assert_eq!(&ours, &reference_write(SCORED_PAYMENT_SCHEMA_JSON, &s));
             prop_assert_eq!(reference_read::<ScoredPayment>(SCORED_PAYMENT_SCHEMA_JSON, &ours), Some(s.clone()));
-            prop_assert_eq!(read_scored_payment(&mut ours.as_slice()), Ok(s));
+            prop_assert_eq!(read_scored_payment(&mut ours.as_slice()), Ok(s.clone()));
+            // The view borrows what the owned record holds, and makes it again.
+            prop_assert_eq!(read_scored_ref(&mut ours.as_slice()), Ok(s.as_ref()));
+            prop_assert_eq!(s.as_ref().into_owned(), s);
         }
 
         /// Schema evolution, both ways: a reader of an old schema (id 2, id 3)

@@ -15,10 +15,16 @@
 //! until the window evicts it, so a duplicate label is recognised (and
 //! ignored) and a changed one is a correction.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::hash_map::{self, HashMap};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::payment::PaymentLabel;
+use crate::codec::LabelRef;
+
+/// Payment ids to what is held for them, hashed with foldhash (SipHash's
+/// DoS resistance buys nothing against the ids of our own records, and cost
+/// a tenth of a join).
+type ById<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
 
 /// How long and how much a partition keeps.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +44,20 @@ pub struct Served {
     pub flagged: bool,
 }
 
+/// The versions that scored a payment: the serving one, and the shadow beside it if there was one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServedBy {
+    pub serving: Served,
+    pub shadow: Option<Served>,
+}
+
+impl ServedBy {
+    /// The serving version first, then the shadow.
+    pub fn iter(&self) -> impl Iterator<Item = &Served> {
+        std::iter::once(&self.serving).chain(&self.shadow)
+    }
+}
+
 /// A scored payment waiting for (or joined with) its label.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -45,17 +65,24 @@ pub struct Entry {
     pub payload: Box<[u8]>,
     pub event_time: i64,
     pub scored_at: i64,
-    /// The serving version first, then a shadow version if there was one.
-    pub served: Vec<Served>,
+    pub served: ServedBy,
     /// The label, once joined.
     pub label: Option<bool>,
 }
 
+/// A label waiting for its scored payment: what the join needs of it (its
+/// key is the scored payment's too, as both are keyed by customer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub fraud: bool,
+    pub labelled_at: i64,
+}
+
 /// What a scored payment did to the partition's state.
 #[derive(Debug, PartialEq)]
-pub enum ScoredOutcome {
+pub enum ScoredOutcome<'a> {
     /// Its label was waiting: emit the join.
-    Joined(PaymentLabel),
+    Joined { entry: &'a Entry, label: Verdict },
     /// Kept, waiting for its label.
     Waiting,
     /// Seen before (re-delivered): nothing to do.
@@ -66,9 +93,9 @@ pub enum ScoredOutcome {
 #[derive(Debug, PartialEq)]
 pub enum Outcome<'a> {
     /// A scored payment and its label met: emit the join.
-    Joined { entry: &'a Entry, label: PaymentLabel },
+    Joined(&'a Entry),
     /// A label that changes a joined payment's verdict: emit it again.
-    Corrected { entry: &'a Entry, label: PaymentLabel },
+    Corrected(&'a Entry),
     /// Kept, waiting for its other half.
     Waiting,
     /// Seen before (same label, or a scored payment re-delivered): nothing to do.
@@ -87,14 +114,23 @@ pub struct Evicted {
 }
 
 /// The join state of one partition.
+///
+/// Scored payments leave only by eviction, oldest arrival first, so they
+/// are kept in arrival order (`held`, also the eviction order) and the map
+/// holds only each id's arrival number: a small table that grows and is
+/// probed cheaply, where one of whole entries cost a third of a join in
+/// rehashing and cache misses at a million payments held.
 #[derive(Debug)]
 pub struct PartitionJoin {
     limits: JoinLimits,
-    scored: HashMap<String, Entry>,
-    scored_order: VecDeque<(i64, String)>,
+    /// Arrival number of each held scored payment.
+    scored: ById<u64>,
+    /// Held scored payments in arrival order; `held[0]` arrived `first`.
+    held: VecDeque<(Arc<str>, Entry)>,
+    first: u64,
     scored_watermark: i64,
-    labels: HashMap<String, PaymentLabel>,
-    labels_order: VecDeque<(i64, String)>,
+    labels: ById<Verdict>,
+    labels_order: VecDeque<(i64, Arc<str>)>,
     labels_watermark: i64,
 }
 
@@ -102,10 +138,11 @@ impl PartitionJoin {
     pub fn new(limits: JoinLimits) -> Self {
         Self {
             limits,
-            scored: HashMap::new(),
-            scored_order: VecDeque::new(),
+            scored: ById::default(),
+            held: VecDeque::new(),
+            first: 0,
             scored_watermark: i64::MIN,
-            labels: HashMap::new(),
+            labels: ById::default(),
             labels_order: VecDeque::new(),
             labels_watermark: i64::MIN,
         }
@@ -120,53 +157,52 @@ impl PartitionJoin {
         self.scored.is_empty() && self.labels.is_empty()
     }
 
-    /// Whether this scored payment is held already (a re-delivery).
-    pub fn has_scored(&self, payment_id: &str) -> bool {
-        self.scored.contains_key(payment_id)
-    }
-
-    /// The versions that served a held payment (empty if it is not held).
-    pub fn served(&self, payment_id: &str) -> Vec<Served> {
-        self.scored.get(payment_id).map(|e| e.served.clone()).unwrap_or_default()
-    }
-
     /// A scored payment arrives.
-    pub fn on_scored(&mut self, payment_id: &str, entry: Entry) -> ScoredOutcome {
-        if self.scored.contains_key(payment_id) {
-            return ScoredOutcome::Duplicate;
-        }
+    pub fn on_scored(&mut self, payment_id: &str, entry: Entry) -> ScoredOutcome<'_> {
+        let id: Arc<str> = payment_id.into();
+        let arrival = self.first + self.held.len() as u64;
+        match self.scored.entry(id.clone()) {
+            hash_map::Entry::Occupied(_) => return ScoredOutcome::Duplicate,
+            hash_map::Entry::Vacant(vacant) => vacant.insert(arrival),
+        };
         self.scored_watermark = self.scored_watermark.max(entry.event_time);
-        self.scored_order.push_back((entry.event_time, payment_id.to_string()));
-        let label = self.labels.remove(payment_id);
-        let slot = self.scored.entry(payment_id.to_string()).or_insert(entry);
-        match label {
+        self.held.push_back((id, entry));
+        let slot = &mut self.held.back_mut().expect("just pushed").1;
+        match self.labels.remove(payment_id) {
             Some(label) => {
                 slot.label = Some(label.fraud);
-                ScoredOutcome::Joined(label)
+                ScoredOutcome::Joined { entry: slot, label }
             }
             None => ScoredOutcome::Waiting,
         }
     }
 
+    /// Where in `held` the scored payment `payment_id` is.
+    fn held_index(&self, payment_id: &str) -> Option<usize> {
+        let arrival = *self.scored.get(payment_id)?;
+        Some(usize::try_from(arrival - self.first).expect("held payments fit in memory"))
+    }
+
     /// A label arrives.
-    pub fn on_label(&mut self, label: PaymentLabel) -> Outcome<'_> {
-        if self.scored.contains_key(&label.payment_id) {
-            let entry = self.scored.get_mut(&label.payment_id).expect("checked above");
+    pub fn on_label(&mut self, label: LabelRef<'_>) -> Outcome<'_> {
+        if let Some(index) = self.held_index(label.payment_id) {
+            let entry = &mut self.held[index].1;
             return match entry.label.replace(label.fraud) {
-                None => Outcome::Joined { entry, label },
+                None => Outcome::Joined(entry),
                 Some(before) if before == label.fraud => Outcome::Duplicate,
-                Some(_) => Outcome::Corrected { entry, label },
+                Some(_) => Outcome::Corrected(entry),
             };
         }
         self.labels_watermark = self.labels_watermark.max(label.labelled_at);
-        if let Some(waiting) = self.labels.get_mut(&label.payment_id) {
+        if let Some(waiting) = self.labels.get_mut(label.payment_id) {
             // The later verdict wins; the first one's place in the eviction order stays.
             let same = waiting.fraud == label.fraud;
-            *waiting = label;
+            *waiting = Verdict { fraud: label.fraud, labelled_at: label.labelled_at };
             return if same { Outcome::Duplicate } else { Outcome::Waiting };
         }
-        self.labels_order.push_back((label.labelled_at, label.payment_id.clone()));
-        self.labels.insert(label.payment_id.clone(), label);
+        let id: Arc<str> = label.payment_id.into();
+        self.labels_order.push_back((label.labelled_at, id.clone()));
+        self.labels.insert(id, Verdict { fraud: label.fraud, labelled_at: label.labelled_at });
         Outcome::Waiting
     }
 
@@ -174,16 +210,16 @@ impl PartitionJoin {
     pub fn evict(&mut self) -> Evicted {
         let mut out = Evicted::default();
         let horizon = self.scored_watermark.saturating_sub(self.limits.window_ms);
-        while let Some((time, _)) = self.scored_order.front() {
-            if *time >= horizon && self.scored.len() <= self.limits.max_entries {
+        while let Some((_, entry)) = self.held.front() {
+            if entry.event_time >= horizon && self.held.len() <= self.limits.max_entries {
                 break;
             }
-            let (_, id) = self.scored_order.pop_front().expect("checked above");
-            if let Some(entry) = self.scored.remove(&id) {
-                match entry.label {
-                    Some(_) => out.labelled.push(entry),
-                    None => out.unlabelled.push(entry),
-                }
+            let (id, entry) = self.held.pop_front().expect("checked above");
+            self.first += 1;
+            self.scored.remove(&id);
+            match entry.label {
+                Some(_) => out.labelled.push(entry),
+                None => out.unlabelled.push(entry),
             }
         }
         let horizon = self.labels_watermark.saturating_sub(self.limits.window_ms);
@@ -203,6 +239,7 @@ impl PartitionJoin {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::payment::PaymentLabel;
 
     const DAY: i64 = 86_400_000;
 
@@ -211,7 +248,7 @@ mod tests {
             payload: Box::new([1, 2, 3]),
             event_time,
             scored_at: event_time,
-            served: vec![Served { version: "1".into(), probability: 0.9, flagged: true }],
+            served: ServedBy { serving: Served { version: "1".into(), probability: 0.9, flagged: true }, shadow: None },
             label: None,
         }
     }
@@ -228,19 +265,23 @@ mod tests {
     fn a_label_after_its_payment_joins_once() {
         let mut j = join();
         assert_eq!(j.on_scored("p1", entry(0)), ScoredOutcome::Waiting);
-        assert!(matches!(j.on_label(label("p1", true, 5)), Outcome::Joined { label, .. } if label.fraud));
-        assert_eq!(j.on_label(label("p1", true, 6)), Outcome::Duplicate, "the same verdict again");
-        assert!(matches!(j.on_label(label("p1", false, 7)), Outcome::Corrected { label, .. } if !label.fraud));
+        assert!(matches!(j.on_label(label("p1", true, 5).as_ref()), Outcome::Joined(e) if e.label == Some(true)));
+        assert_eq!(j.on_label(label("p1", true, 6).as_ref()), Outcome::Duplicate, "the same verdict again");
+        assert!(matches!(j.on_label(label("p1", false, 7).as_ref()), Outcome::Corrected(e) if e.label == Some(false)));
         assert_eq!(j.on_scored("p1", entry(0)), ScoredOutcome::Duplicate, "a re-delivered score");
     }
 
     #[test]
     fn a_label_before_its_payment_waits_for_it() {
         let mut j = join();
-        assert_eq!(j.on_label(label("p1", false, 5)), Outcome::Waiting);
-        assert_eq!(j.on_label(label("p1", true, 6)), Outcome::Waiting, "a changed verdict replaces the waiting one");
-        assert_eq!(j.on_label(label("p1", true, 7)), Outcome::Duplicate);
-        assert!(matches!(j.on_scored("p1", entry(0)), ScoredOutcome::Joined(label) if label.fraud));
+        assert_eq!(j.on_label(label("p1", false, 5).as_ref()), Outcome::Waiting);
+        assert_eq!(
+            j.on_label(label("p1", true, 6).as_ref()),
+            Outcome::Waiting,
+            "a changed verdict replaces the waiting one"
+        );
+        assert_eq!(j.on_label(label("p1", true, 7).as_ref()), Outcome::Duplicate);
+        assert!(matches!(j.on_scored("p1", entry(0)), ScoredOutcome::Joined { label, .. } if label.fraud));
         assert_eq!(j.len(), (1, 0));
     }
 
@@ -249,19 +290,19 @@ mod tests {
         let mut j = join();
         j.on_scored("old-unlabelled", entry(0));
         j.on_scored("old-labelled", entry(DAY));
-        j.on_label(label("old-labelled", true, 0));
-        j.on_label(label("never-scored", true, 0));
+        j.on_label(label("old-labelled", true, 0).as_ref());
+        j.on_label(label("never-scored", true, 0).as_ref());
         j.on_scored("recent", entry(2 * DAY));
         assert_eq!(j.evict(), Evicted::default(), "nothing is older than 30 days yet");
         j.on_scored("new", entry(31 * DAY + 1));
-        j.on_label(label("other", false, 31 * DAY + 1));
+        j.on_label(label("other", false, 31 * DAY + 1).as_ref());
         let out = j.evict();
         assert_eq!(out.unlabelled.iter().map(|e| e.event_time).collect::<Vec<_>>(), [0]);
         assert_eq!(out.labelled.iter().map(|e| e.event_time).collect::<Vec<_>>(), [DAY]);
         assert_eq!(out.unmatched_labels, 1);
         assert_eq!(j.len(), (2, 1), "recent and new stay, the label `other` waits");
         // An evicted payment's late label waits like any unmatched one.
-        assert_eq!(j.on_label(label("old-unlabelled", true, 32 * DAY)), Outcome::Waiting);
+        assert_eq!(j.on_label(label("old-unlabelled", true, 32 * DAY).as_ref()), Outcome::Waiting);
     }
 
     #[test]

@@ -269,12 +269,14 @@ fn poll_loop(
         .map_err(kafka_err("creating the consumer"))?;
     consumer.subscribe(&[&config.scored_topic, &config.labels_topic]).map_err(kafka_err("subscribing"))?;
     let (mut last_commit, mut last_export) = (Instant::now(), Instant::now());
-    while !shutdown.is_cancelled() {
+    let mut records: u32 = 0;
+    loop {
         let message = consumer.poll(Duration::from_millis(100));
         let mut core = core.lock().expect("monitor state lock");
         if let Some(failure) = core.failure.take() {
             return Err(failure);
         }
+        let busy = message.is_some();
         match message {
             None => {}
             Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries)"),
@@ -287,6 +289,15 @@ fn poll_loop(
                 core.process(input, &Record::of(&message), true)?;
                 core.positions.insert((input, partition), message.offset() + 1);
             }
+        }
+        // Clocks and the shutdown token are read every 256 records, or when
+        // idle: per record, they cost a tenth of a join.
+        records = records.wrapping_add(1);
+        if busy && records % 256 != 0 {
+            continue;
+        }
+        if shutdown.is_cancelled() {
+            break;
         }
         if last_commit.elapsed() >= config.commit_interval {
             core.commit(&consumer)?;

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use super::join::{Entry, Served};
+use super::join::{Entry, ServedBy};
 use crate::training::evaluate::{average_precision, roc_auc, sweep, Confusion};
 
 /// One labelled payment, as one version scored it.
@@ -62,8 +62,8 @@ impl Quality {
     }
 
     /// A scored payment entered the join.
-    pub fn scored(&mut self, served: &[Served]) {
-        for s in served {
+    pub fn scored(&mut self, served: &ServedBy) {
+        for s in served.iter() {
             let v = self.versions.entry(s.version.clone()).or_default();
             v.scored += 1;
             v.flagged += u64::from(s.flagged);
@@ -71,8 +71,8 @@ impl Quality {
     }
 
     /// A scored payment got its label (`first`: not a correction of an earlier one).
-    pub fn labelled(&mut self, served: &[Served], fraud: bool, first: bool) {
-        for s in served {
+    pub fn labelled(&mut self, served: &ServedBy, fraud: bool, first: bool) {
+        for s in served.iter() {
             let v = self.versions.entry(s.version.clone()).or_default();
             v.labelled += u64::from(first);
             if v.samples.len() == self.window {
@@ -84,7 +84,7 @@ impl Quality {
 
     /// A scored payment left the join.
     pub fn evicted(&mut self, entry: &Entry) {
-        for s in &entry.served {
+        for s in entry.served.iter() {
             if let Some(v) = self.versions.get_mut(&s.version) {
                 v.scored = v.scored.saturating_sub(1);
                 v.flagged = v.flagged.saturating_sub(u64::from(s.flagged));
@@ -132,9 +132,13 @@ impl Quality {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::monitor::join::Served;
 
-    fn served(version: &str, probability: f64, threshold: f64) -> Vec<Served> {
-        vec![Served { version: version.into(), probability, flagged: probability >= threshold }]
+    fn served(version: &str, probability: f64, threshold: f64) -> ServedBy {
+        ServedBy {
+            serving: Served { version: version.into(), probability, flagged: probability >= threshold },
+            shadow: None,
+        }
     }
 
     #[test]
@@ -184,10 +188,10 @@ mod tests {
     #[test]
     fn versions_are_reported_apart() {
         let mut q = Quality::new(10);
-        let both = vec![
-            Served { version: "1".into(), probability: 0.9, flagged: true },
-            Served { version: "2".into(), probability: 0.1, flagged: false },
-        ];
+        let both = ServedBy {
+            serving: Served { version: "1".into(), probability: 0.9, flagged: true },
+            shadow: Some(Served { version: "2".into(), probability: 0.1, flagged: false }),
+        };
         q.scored(&both);
         q.labelled(&both, true, true);
         let r = q.report();

@@ -12,11 +12,10 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::join::{Entry, JoinLimits, Outcome, PartitionJoin, ScoredOutcome, Served};
+use super::join::{Entry, JoinLimits, Outcome, PartitionJoin, ScoredOutcome, Served, ServedBy, Verdict};
 use super::quality::Quality;
 use super::{Input, MonitorConfig, MonitorError};
-use crate::codec::CodecError;
-use crate::payment::{PaymentLabel, ScoredPayment};
+use crate::codec::{CodecError, LabelRef, ScoredRef};
 use crate::pipeline::{truncate, DeadLetterReason, MAX_ERROR_HEADER_BYTES};
 use crate::telemetry::metric;
 
@@ -169,12 +168,18 @@ impl Core {
         self.send(&self.config.dead_letter_topic, record.key, record.payload, Some(headers));
     }
 
-    /// Writes one join to the output topic: the scored record as it was read,
-    /// relabelled with the label's verdict (`Codec::relabel_scored`).
-    fn emit(&self, relabelled: Result<Vec<u8>, CodecError>, label: &PaymentLabel) -> Result<(), MonitorError> {
+    /// Writes one join to the output topic, keyed by customer: the scored
+    /// record as it was read, relabelled with the label's verdict
+    /// (`Codec::relabel_scored`).
+    fn emit(
+        &self,
+        relabelled: Result<Vec<u8>, CodecError>,
+        payment_id: &str,
+        customer: &str,
+    ) -> Result<(), MonitorError> {
         let payload =
-            relabelled.map_err(|source| MonitorError::Encode { payment_id: label.payment_id.clone(), source })?;
-        self.send(&self.config.output_topic, Some(label.customer.as_bytes()), &payload, None);
+            relabelled.map_err(|source| MonitorError::Encode { payment_id: payment_id.to_string(), source })?;
+        self.send(&self.config.output_topic, Some(customer.as_bytes()), &payload, None);
         Ok(())
     }
 
@@ -182,80 +187,25 @@ impl Core {
     /// completes is emitted (during a rebuild it only rebuilds state).
     pub(super) fn process(&mut self, input: Input, record: &Record<'_>, live: bool) -> Result<(), MonitorError> {
         let codec = self.config.codec;
-        let partition = record.partition;
-        let limits = self.limits();
-        let outcome = match input {
-            Input::Scored => {
-                let Some(scored) = self.decoded(input, record, live, |b| codec.decode_scored(b)) else {
-                    return Ok(());
-                };
-                let mut served = vec![Served {
-                    version: self.intern(&scored.model_version),
-                    probability: scored.fraud_probability,
-                    flagged: scored.is_fraud,
-                }];
-                served.extend(self.shadow_served(&scored));
-                let join = self.joins.entry(partition).or_insert_with(|| PartitionJoin::new(limits));
-                if join.has_scored(&scored.payment.payment_id) {
-                    Counted::Duplicate
-                } else {
-                    self.quality.scored(&served);
-                    let entry = Entry {
-                        payload: record.payload.into(),
-                        event_time: scored.payment.event_time,
-                        scored_at: scored.scored_at,
-                        served,
-                        label: None,
-                    };
-                    match join.on_scored(&scored.payment.payment_id, entry) {
-                        ScoredOutcome::Duplicate => Counted::Duplicate,
-                        ScoredOutcome::Waiting => Counted::Waiting,
-                        ScoredOutcome::Joined(label) => {
-                            let served = join.served(&scored.payment.payment_id);
-                            self.joined(&served, scored.scored_at, &label, true, live);
-                            if live {
-                                self.emit(codec.relabel_scored(record.payload, label.fraud), &label)?;
-                            }
-                            Counted::Joined
-                        }
-                    }
+        let read = match input {
+            Input::Scored => codec.read_scored(record.payload, |scored| self.on_scored(&scored, record, live)),
+            Input::Labels => codec.read_label(record.payload, |label| self.on_label(label, record, live)),
+        };
+        let outcome = match read {
+            Ok(outcome) => outcome?,
+            Err(e) => {
+                // Dead-lettered when processed live; a rebuild skips it, as it was dead-lettered then.
+                if live {
+                    self.dead_letter(input, record, DeadLetterReason::Undecodable, &e.to_string());
                 }
-            }
-            Input::Labels => {
-                let Some(label) = self.decoded(input, record, live, |b| codec.decode_label(b)) else {
-                    return Ok(());
-                };
-                if let Err(e) = label.validate() {
-                    if live {
-                        self.dead_letter(input, record, DeadLetterReason::InvalidLabel, &e.to_string());
-                    }
-                    return Ok(());
-                }
-                let join = self.joins.entry(partition).or_insert_with(|| PartitionJoin::new(limits));
-                // What a join needs of the entry, taken while the join lends it.
-                let joined = |entry: &Entry, label: PaymentLabel| {
-                    let relabelled = live.then(|| codec.relabel_scored(&entry.payload, label.fraud));
-                    Some((entry.served.clone(), entry.scored_at, relabelled, label))
-                };
-                let (found, counted) = match join.on_label(label) {
-                    Outcome::Waiting => (None, Counted::Waiting),
-                    Outcome::Duplicate => (None, Counted::Duplicate),
-                    Outcome::Joined { entry, label } => (joined(entry, label), Counted::Joined),
-                    Outcome::Corrected { entry, label } => (joined(entry, label), Counted::Corrected),
-                };
-                if let Some((served, scored_at, relabelled, label)) = found {
-                    self.joined(&served, scored_at, &label, counted == Counted::Joined, live);
-                    if let Some(relabelled) = relabelled {
-                        self.emit(relabelled, &label)?;
-                    }
-                }
-                counted
+                return Ok(());
             }
         };
+        let Some(outcome) = outcome else { return Ok(()) };
         if live {
             self.counts.records[input as usize][outcome as usize] += 1;
         }
-        let evicted = self.joins.get_mut(&partition).map(PartitionJoin::evict).unwrap_or_default();
+        let evicted = self.joins.get_mut(&record.partition).map(PartitionJoin::evict).unwrap_or_default();
         for entry in evicted.unlabelled.iter().chain(&evicted.labelled) {
             self.quality.evicted(entry);
         }
@@ -263,6 +213,87 @@ impl Core {
         self.counts.evictions[1] += evicted.labelled.len() as u64;
         self.counts.evictions[2] += evicted.unmatched_labels;
         Ok(())
+    }
+
+    fn on_scored(
+        &mut self,
+        scored: &ScoredRef<'_>,
+        record: &Record<'_>,
+        live: bool,
+    ) -> Result<Option<Counted>, MonitorError> {
+        let served = ServedBy {
+            serving: Served {
+                version: self.intern(scored.model_version),
+                probability: scored.fraud_probability,
+                flagged: scored.is_fraud,
+            },
+            shadow: scored.shadow.map(|shadow| Served {
+                version: self.intern(shadow.model_version),
+                probability: shadow.fraud_probability,
+                flagged: shadow.is_fraud,
+            }),
+        };
+        let entry = Entry {
+            payload: record.payload.into(),
+            event_time: scored.payment.event_time,
+            scored_at: scored.scored_at,
+            served: served.clone(),
+            label: None,
+        };
+        let label = match self.join(record.partition).on_scored(scored.payment.payment_id, entry) {
+            ScoredOutcome::Duplicate => return Ok(Some(Counted::Duplicate)),
+            ScoredOutcome::Waiting => None,
+            ScoredOutcome::Joined { label, .. } => Some(label),
+        };
+        self.quality.scored(&served);
+        let Some(label) = label else { return Ok(Some(Counted::Waiting)) };
+        self.joined(&served, scored.scored_at, label, true, live);
+        if live {
+            let relabelled = self.config.codec.relabel_scored(record.payload, label.fraud);
+            self.emit(relabelled, scored.payment.payment_id, scored.payment.customer)?;
+        }
+        Ok(Some(Counted::Joined))
+    }
+
+    /// `None` for a label no join can use (dead-lettered when live).
+    fn on_label(
+        &mut self,
+        label: LabelRef<'_>,
+        record: &Record<'_>,
+        live: bool,
+    ) -> Result<Option<Counted>, MonitorError> {
+        if let Err(e) = label.validate() {
+            if live {
+                self.dead_letter(Input::Labels, record, DeadLetterReason::InvalidLabel, &e.to_string());
+            }
+            return Ok(None);
+        }
+        let codec = self.config.codec;
+        // What a join needs of the entry, taken while the join lends it.
+        let joined = |entry: &Entry| {
+            let relabelled = live.then(|| codec.relabel_scored(&entry.payload, label.fraud));
+            Some((entry.served.clone(), entry.scored_at, relabelled))
+        };
+        let (found, counted) = match self.join(record.partition).on_label(label) {
+            Outcome::Waiting => (None, Counted::Waiting),
+            Outcome::Duplicate => (None, Counted::Duplicate),
+            Outcome::Joined(entry) => (joined(entry), Counted::Joined),
+            Outcome::Corrected(entry) => (joined(entry), Counted::Corrected),
+        };
+        if let Some((served, scored_at, relabelled)) = found {
+            let verdict = Verdict { fraud: label.fraud, labelled_at: label.labelled_at };
+            self.joined(&served, scored_at, verdict, counted == Counted::Joined, live);
+            if let Some(relabelled) = relabelled {
+                self.emit(relabelled, label.payment_id, label.customer)?;
+            }
+        }
+        Ok(Some(counted))
+    }
+
+    /// The join of `partition`, created empty on its first record.
+    fn join(&mut self, partition: i32) -> &mut PartitionJoin {
+        let limits = self.limits();
+        self.joins.entry(partition).or_insert_with(|| PartitionJoin::new(limits))
     }
 
     /// What the join keeps, by the configuration.
@@ -273,44 +304,12 @@ impl Core {
         }
     }
 
-    /// `record` decoded, or, if it does not decode, dead-lettered (when
-    /// processed live; a rebuild skips it, as it was dead-lettered then).
-    fn decoded<T>(
-        &self,
-        input: Input,
-        record: &Record<'_>,
-        live: bool,
-        decode: impl FnOnce(&[u8]) -> Result<T, CodecError>,
-    ) -> Option<T> {
-        match decode(record.payload) {
-            Ok(value) => Some(value),
-            Err(e) => {
-                if live {
-                    self.dead_letter(input, record, DeadLetterReason::Undecodable, &e.to_string());
-                }
-                None
-            }
-        }
-    }
-
-    /// A shadow version's view of a scored payment, when it carries one.
-    fn shadow_served(&mut self, scored: &ScoredPayment) -> Option<Served> {
-        let shadow = scored.shadow.as_ref()?;
-        Some(Served {
-            version: self.intern(&shadow.model_version),
-            probability: shadow.fraud_probability,
-            flagged: shadow.is_fraud,
-        })
-    }
-
-    fn joined(&mut self, served: &[Served], scored_at: i64, label: &PaymentLabel, first: bool, live: bool) {
+    fn joined(&mut self, served: &ServedBy, scored_at: i64, label: Verdict, first: bool, live: bool) {
         self.quality.labelled(served, label.fraud, first);
         if live {
             self.parts.joins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if let Some(serving) = served.first() {
-                let delay = (label.labelled_at - scored_at).max(0) as f64 / 1000.0;
-                self.counts.delays.entry(serving.version.clone()).or_default().push(delay);
-            }
+            let delay = (label.labelled_at - scored_at).max(0) as f64 / 1000.0;
+            self.counts.delays.entry(served.serving.version.clone()).or_default().push(delay);
         }
     }
 
