@@ -142,11 +142,6 @@ impl PaymentLabel {
             source: source.to_string(),
         })
     }
-
-    /// What no join can use: a label must name its payment and customer.
-    pub fn validate(&self) -> Result<(), InvalidPayment> {
-        self.as_ref().validate()
-    }
 }
 
 impl LabelRef<'_> {

@@ -35,6 +35,10 @@ struct Monitor {
 
 impl Monitor {
     fn spawn(kafka: &KafkaArgs, topic: &str, group: &str, dir: &Path) -> Self {
+        Self::spawn_with(kafka, topic, group, dir, &[])
+    }
+
+    fn spawn_with(kafka: &KafkaArgs, topic: &str, group: &str, dir: &Path, extra: &[&str]) -> Self {
         let port = free_port();
         let log = dir.join(format!("monitor-{port}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_fraudstream"))
@@ -45,6 +49,7 @@ impl Monitor {
             // The simulator's event times span half a year, sent in seconds: keep them all.
             .args(["--label-window", "3650d"])
             .args(["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=1000"])
+            .args(extra)
             .env("RUST_LOG", "info,librdkafka=warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -55,6 +60,18 @@ impl Monitor {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the monitor to exit on its own.
+    async fn exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the monitor kept running:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Every sample of `name` whose labels contain `with`, summed.
@@ -380,15 +397,99 @@ async fn a_labels_topic_with_another_partition_count_is_refused() {
     ensure_topics(&kafka, &[&format!("{topic}-out")], 4).await.unwrap();
     ensure_topics(&kafka, &[&format!("{topic}-labels")], 2).await.unwrap();
     let mut monitor = Monitor::spawn(&kafka, &topic, &common::unique("monitor"), dir.path());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = monitor.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the monitor kept running:\n{}", monitor.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = monitor.exit(Duration::from_secs(60)).await;
     let log = monitor.log();
     assert!(!status.success(), "{log}");
     assert!(log.contains("has 4 partitions but") && log.contains("has 2") && log.contains("co-partitioned"), "{log}");
+}
+
+/// Fail closed: a join the monitor's producer refuses (over its
+/// `message.max.bytes`) stops the monitor with that reason and a non-zero
+/// exit, with the record that completed the join not committed past; a
+/// restart with the limit raised writes it, and every other join, with the
+/// right verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_it_cannot_write_stops_the_monitor_and_a_restart_writes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = common::kafka();
+    let topic = common::unique("monitor-fail");
+    let (scored_topic, labels_topic, labelled_topic) =
+        (format!("{topic}-out"), format!("{topic}-labels"), format!("{topic}-labelled"));
+    ensure_topics(&kafka, &[&scored_topic, &labels_topic, &labelled_topic, &format!("{topic}-labels-dlq")], 1)
+        .await
+        .unwrap();
+    let mut sent: Vec<Payment> = Simulator::new(300, 81).collect();
+    // A valid payment with a 200 KB merchant name: its join exceeds 100 KB.
+    const BIG: usize = 150;
+    sent[BIG].merchant = "M".repeat(200_000);
+    let label_codec = Codec::new(WireFormat::Confluent, PAYMENT_LABEL_SCHEMA_ID);
+    let scored: Vec<(String, Vec<u8>)> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let probability = (i % 100) as f64 / 100.0;
+            let record = ScoredPayment {
+                payment: Payment { fraud: None, ..p.clone() },
+                fraud_probability: probability,
+                is_fraud: probability >= 0.5,
+                threshold: 0.5,
+                model_name: "payfraud".into(),
+                model_version: "7".into(),
+                scored_at: p.event_time,
+                decision: None,
+                reasons: Vec::new(),
+                shadow: None,
+            };
+            (p.customer.clone(), CODEC.encode_scored(&record).unwrap())
+        })
+        .collect();
+    let labels: Vec<(String, Vec<u8>)> = sent
+        .iter()
+        .map(|p| (p.customer.clone(), label_codec.encode_label(&PaymentLabel::of(p, "test").unwrap()).unwrap()))
+        .collect();
+    let producer = common::input_producer();
+    common::publish(&producer, &scored_topic, &scored).await;
+    common::publish(&producer, &labels_topic, &labels).await;
+
+    let group = common::unique("monitor");
+    let mut monitor = Monitor::spawn_with(&kafka, &topic, &group, dir.path(), &["-X", "message.max.bytes=100000"]);
+    let status = monitor.exit(Duration::from_secs(60)).await;
+    let log = monitor.log();
+    assert!(!status.success(), "exited 0 with a join it could not write:\n{log}");
+    assert!(log.contains("was not delivered") && log.contains(&labelled_topic), "no reason in the log:\n{log}");
+    // The join was completed by the later of its two records: that one must be read again.
+    let committed = |topic: &str| committed_offset(&kafka, &group, topic);
+    let (scored_at, labels_at) = (committed(&scored_topic), committed(&labels_topic));
+    assert!(
+        scored_at <= BIG as i64 || labels_at <= BIG as i64,
+        "committed scored {scored_at} and labels {labels_at}: both past the unwritten join's records at {BIG}"
+    );
+
+    let mut monitor = Monitor::spawn_with(&kafka, &topic, &group, dir.path(), &["-X", "message.max.bytes=1000000"]);
+    let joins = common::read_topic(&kafka, &labelled_topic, Duration::from_secs(20), |m| m.len() >= sent.len()).await;
+    assert!(monitor.child.try_wait().unwrap().is_none(), "the restarted monitor stopped:\n{}", monitor.log());
+    let mut verdicts: HashMap<String, bool> = HashMap::new();
+    for message in &joins {
+        let join = CODEC.decode_scored(message.payload().unwrap()).unwrap();
+        verdicts.insert(join.payment.payment_id.clone(), join.payment.fraud.expect("a join carries its label"));
+    }
+    for p in &sent {
+        assert_eq!(verdicts.get(&p.payment_id), p.fraud.as_ref(), "payment {}'s join", p.payment_id);
+    }
+    let big = joins.iter().find(|m| m.payload().is_some_and(|b| b.len() > 200_000));
+    assert!(big.is_some(), "the oversized join was not written after the restart");
+}
+
+/// The group's committed offset of partition 0 of `topic` (0: nothing committed).
+fn committed_offset(kafka: &KafkaArgs, group: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = kafka.client_config(&[("group.id", group)]).create().unwrap();
+    let mut wanted = TopicPartitionList::new();
+    wanted.add_partition(topic, 0);
+    let list = consumer.committed_offsets(wanted, Duration::from_secs(10)).expect("committed offsets");
+    match list.find_partition(topic, 0).map(|e| e.offset()) {
+        Some(Offset::Offset(offset)) => offset,
+        _ => 0,
+    }
 }
