@@ -264,6 +264,12 @@ fn poll_loop(
             // When the local queue is full, look again after 10 ms, not the
             // default 1 s, which caps a catching-up consumer near 150k records/s.
             ("fetch.queue.backoff.ms", "10"),
+            // A join reads two records: fetch in bigger bites than librdkafka's
+            // defaults (1 MB per partition, 100k records queued), which held a
+            // catching-up monitor near 600k records/s, 300k joins/s.
+            ("max.partition.fetch.bytes", "8388608"),
+            ("queued.min.messages", "1000000"),
+            ("queued.max.messages.kbytes", "262144"),
         ])
         .create_with_context(Hooks { core: core.clone() })
         .map_err(kafka_err("creating the consumer"))?;
