@@ -80,9 +80,9 @@ pub struct Verdict {
 
 /// What a scored payment did to the partition's state.
 #[derive(Debug, PartialEq)]
-pub enum ScoredOutcome<'a> {
+pub enum ScoredOutcome {
     /// Its label was waiting: emit the join.
-    Joined { entry: &'a Entry, label: Verdict },
+    Joined(Verdict),
     /// Kept, waiting for its label.
     Waiting,
     /// Seen before (re-delivered): nothing to do.
@@ -158,7 +158,7 @@ impl PartitionJoin {
     }
 
     /// A scored payment arrives.
-    pub fn on_scored(&mut self, payment_id: &str, entry: Entry) -> ScoredOutcome<'_> {
+    pub fn on_scored(&mut self, payment_id: &str, entry: Entry) -> ScoredOutcome {
         let id: Arc<str> = payment_id.into();
         let arrival = self.first + self.held.len() as u64;
         match self.scored.entry(id.clone()) {
@@ -166,15 +166,9 @@ impl PartitionJoin {
             hash_map::Entry::Vacant(vacant) => vacant.insert(arrival),
         };
         self.scored_watermark = self.scored_watermark.max(entry.event_time);
-        self.held.push_back((id, entry));
-        let slot = &mut self.held.back_mut().expect("just pushed").1;
-        match self.labels.remove(payment_id) {
-            Some(label) => {
-                slot.label = Some(label.fraud);
-                ScoredOutcome::Joined { entry: slot, label }
-            }
-            None => ScoredOutcome::Waiting,
-        }
+        let label = self.labels.remove(payment_id);
+        self.held.push_back((id, Entry { label: label.map(|l| l.fraud), ..entry }));
+        label.map_or(ScoredOutcome::Waiting, ScoredOutcome::Joined)
     }
 
     /// Where in `held` the scored payment `payment_id` is.
@@ -281,7 +275,7 @@ mod tests {
             "a changed verdict replaces the waiting one"
         );
         assert_eq!(j.on_label(label("p1", true, 7).as_ref()), Outcome::Duplicate);
-        assert!(matches!(j.on_scored("p1", entry(0)), ScoredOutcome::Joined { label, .. } if label.fraud));
+        assert!(matches!(j.on_scored("p1", entry(0)), ScoredOutcome::Joined(label) if label.fraud));
         assert_eq!(j.len(), (1, 0));
     }
 

@@ -243,7 +243,7 @@ impl Core {
         let label = match self.join(record.partition).on_scored(scored.payment.payment_id, entry) {
             ScoredOutcome::Duplicate => return Ok(Some(Counted::Duplicate)),
             ScoredOutcome::Waiting => None,
-            ScoredOutcome::Joined { label, .. } => Some(label),
+            ScoredOutcome::Joined(label) => Some(label),
         };
         self.quality.scored(&served);
         let Some(label) = label else { return Ok(Some(Counted::Waiting)) };
